@@ -1,0 +1,42 @@
+"""Shared test fixtures.
+
+The reference vectors are read in place from ../shared/reference (never copied into the repository). Set
+TRACKMAE_REFERENCE_DIR to point elsewhere; tests that need them skip with the path they looked for.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Triton reads TRITON_INTERPRET when a @triton.jit function is decorated, i.e. at import of the kernel modules, so
+# it must be set before any test module imports them. Without a GPU, the Triton kernels run in the interpreter.
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except Exception:  # pragma: no cover - torch is a hard dependency
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_DIR = Path(os.environ.get("TRACKMAE_REFERENCE_DIR", REPO_ROOT.parent / "shared" / "reference"))
+
+
+def reference_path(relative: str) -> Path:
+    """Path of a file under the shared reference folder; skips the calling test when it is absent."""
+    path = REFERENCE_DIR / relative
+    if not path.exists():
+        pytest.skip(f"reference file {path} is absent (set TRACKMAE_REFERENCE_DIR or check out ../shared beside the repo)")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    if _HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
