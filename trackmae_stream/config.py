@@ -1,0 +1,452 @@
+"""Typed run configuration: dataclasses, YAML presets and `section.key=value` command-line overrides.
+
+A run is fully described by one `TrainConfig`. Presets live in `trackmae_stream/configs/*.yaml`; a preset may name a
+`base:` preset that it extends. Overrides are parsed as YAML scalars (`optim.lr=1e-4`, `data.scales=[1,0.875]`,
+`tracker.checkpoint=null`). `validate()` checks every value that could fail late and names the offending key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range; the message names the key."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # "synthetic" (embedded, generated on first use) | "list" (VideoMAE-format list file)
+    list_file: str | None = None  # `path label` or `path 0 -1` lines
+    root: str | None = None  # relative list paths resolve against this (default: the list file's folder)
+    synthetic_dir: str | None = None  # default: $TRACKMAE_CACHE_DIR or ~/.cache/trackmae_stream, /synthetic-v1
+    synthetic_videos: int = 48
+    synthetic_size: int = 128
+    synthetic_frames: int = 40
+    loader: str = "cpu"  # "cpu" (DataLoader workers) | "dali" (DALI pipeline; GPU decode with device=cuda)
+    decoder: str = "opencv"  # CPU decoder: "opencv" | "pyav"
+    num_frames: int = 16
+    sampling_rate: int = 4
+    input_size: int = 224
+    scales: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)  # VideoMAE's GroupMultiScaleCrop
+    flip: bool = False  # VideoMAE pretraining does not flip
+    num_sample: int = 1  # VideoMAE V2 repeated sampling: clips cut from one decode
+    num_workers: int = 8
+    max_skip_fraction: float = 0.1  # abort when more than this share of visited videos failed to decode
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass
+class TrackerConfig:
+    backend: str = "auto"  # "auto": cotracker3 when a checkpoint is set, else lucas-kanade | "cotracker3" | "lucas-kanade"
+    checkpoint: str | None = None  # local CoTracker3 file (scaled_offline.pth) or "official" (hub download)
+    sha256: str | None = None
+    variant: str = "offline"  # "offline" | "online"
+    grid_size: int = 14  # query points per side; 0 means "one per token" (= input_size / patch_size)
+    grid_rule: str = "cotracker"  # "cotracker" (public TrackMAE) | "naive" | "patch_centred"
+    iters: int = 6
+    resolution: str = "official"  # "official" (resize to 384x512) | "native" (track at the clip's size)
+    precision: str = "fp32"  # "fp32" | "bf16" (autocast)
+    compile: bool = False
+    overlap: bool = True  # CUDA: prepare batch i+1 (decode copy, tracking, targets) on a side stream during step i
+
+
+@dataclass
+class TargetConfig:
+    spatial: str = "pixel"  # "pixel" (VideoMAE per-patch normalised) | "clip" (CLIP ViT features) | "none"
+    normalize_pixels: bool = True
+    clip_model: str = "vit_base_patch16_clip_224.openai"
+    clip_checkpoint: str | None = None  # local weights; None downloads through timm's hub when the network allows
+    motion: bool = True
+    upsample: int = 2  # υ: 14 -> 28 query grid, 2x2 points per token
+    displacement: str = "frame"  # "frame" (public) | "first" (cumulative from the first frame)
+    motion_norm: str = "patch"  # "patch" (public) | "none" | "patch_safe"
+    motion_weight: float | None = None  # λ; None = 1.0 with pixels, 0.25 with CLIP (the paper's values)
+
+
+@dataclass
+class MaskConfig:
+    type: str = "motion"  # "motion" (motion-aware tubes) | "tube" (VideoMAE random tubes)
+    ratio: float = 0.9  # VideoMAE's 0.9; the public TrackMAE script uses 0.8
+    rho: float = 0.5  # share of visible tubes drawn from the high-motion bin (paper default)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "vit_tiny"  # vit_tiny | vit_small | vit_base | vit_large: fills the None fields below
+    patch_size: int = 16
+    tubelet_size: int = 2
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    decoder_dim: int | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+    drop_path: float = 0.0
+    attention: str = "auto"  # "auto" (xformers on CUDA when installed, else SDPA) | "xformers" | "sdpa"
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 800
+    max_steps: int | None = None  # stop early (counts optimizer steps); None = epochs * steps_per_epoch
+    base_lr: float = 1.5e-4  # per 256 clips per optimizer step (scaled by the global batch)
+    lr: float | None = None  # absolute peak lr; when set it replaces the scaled base_lr
+    min_lr: float = 1e-5
+    warmup_epochs: float = 40.0
+    warmup_steps: int | None = None  # overrides warmup_epochs when set
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    clip_grad: float | None = None
+    accum_steps: int = 1
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
+    target: TargetConfig = field(default_factory=TargetConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    batch_size: int = 32  # clips per rank per micro-step (before num_sample)
+    seed: int = 0
+    device: str = "auto"  # "auto" | "cuda" | "cpu"
+    precision: str = "bf16"  # "bf16" | "fp16" (GradScaler) | "fp32"; autocast applies on CUDA only
+    output_dir: str = "runs"
+    run_name: str | None = None  # default: <preset>-<timestamp>
+    resume: str | None = None  # "auto" (newest valid checkpoint in the run folder) | a checkpoint path
+    log_every: int = 20
+    ckpt_every: int = 1000  # optimizer steps; a final checkpoint is always written
+    keep_checkpoints: int = 3
+    peak_tflops: float | None = None  # for MFU; None = looked up from the device name
+    progress: bool = True
+    tensorboard: bool = True
+    preset: str = "default"  # informational: the preset this config came from
+
+
+ARCHS: dict[str, dict[str, int]] = {
+    # VideoMAE's encoder/decoder shapes for small/base/large; tiny is this project's CPU default.
+    "vit_tiny": dict(embed_dim=192, depth=4, num_heads=3, decoder_dim=128, decoder_depth=2, decoder_heads=4),
+    "vit_small": dict(embed_dim=384, depth=12, num_heads=6, decoder_dim=192, decoder_depth=4, decoder_heads=3),
+    "vit_base": dict(embed_dim=768, depth=12, num_heads=12, decoder_dim=384, decoder_depth=4, decoder_heads=6),
+    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16, decoder_dim=512, decoder_depth=4, decoder_heads=8),
+}
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.source": ("synthetic", "list"),
+    "data.loader": ("cpu", "dali"),
+    "data.decoder": ("opencv", "pyav"),
+    "tracker.backend": ("auto", "cotracker3", "lucas-kanade"),
+    "tracker.variant": ("offline", "online"),
+    "tracker.grid_rule": ("cotracker", "naive", "patch_centred"),
+    "tracker.resolution": ("official", "native"),
+    "tracker.precision": ("fp32", "bf16"),
+    "target.spatial": ("pixel", "clip", "none"),
+    "target.displacement": ("frame", "first"),
+    "target.motion_norm": ("patch", "none", "patch_safe"),
+    "mask.type": ("motion", "tube"),
+    "model.arch": tuple(ARCHS),
+    "model.attention": ("auto", "xformers", "sdpa"),
+    "device": ("auto", "cuda", "cpu"),
+    "precision": ("bf16", "fp16", "fp32"),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Resolution of derived values
+
+
+def resolve_model(cfg: ModelConfig) -> ModelConfig:
+    """Fill the None shape fields from the named architecture."""
+    if cfg.arch not in ARCHS:
+        raise ConfigError(f"model.arch={cfg.arch!r} is unknown; expected one of {tuple(ARCHS)}")
+    values = {k: (getattr(cfg, k) if getattr(cfg, k) is not None else v) for k, v in ARCHS[cfg.arch].items()}
+    return dataclasses.replace(cfg, **values)
+
+
+def motion_weight(cfg: TargetConfig) -> float:
+    if cfg.motion_weight is not None:
+        return cfg.motion_weight
+    return 0.25 if cfg.spatial == "clip" else 1.0
+
+
+def tokens_per_side(cfg: TrainConfig) -> int:
+    return cfg.data.input_size // cfg.model.patch_size
+
+
+def tracker_grid_size(cfg: TrainConfig) -> int:
+    return cfg.tracker.grid_size or tokens_per_side(cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Validation
+
+
+def _fail(key: str, value: Any, why: str) -> None:
+    raise ConfigError(f"{key}={value!r}: {why}")
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check the values that would otherwise fail deep inside a run; raise ConfigError naming the key."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        if value not in choices:
+            _fail(key, value, f"expected one of {choices}")
+    d, m, o = cfg.data, cfg.model, cfg.optim
+    if not 0.0 < cfg.mask.ratio < 1.0:
+        _fail("mask.ratio", cfg.mask.ratio, "must lie strictly between 0 and 1")
+    if not 0.0 <= cfg.mask.rho <= 1.0:
+        _fail("mask.rho", cfg.mask.rho, "must lie in [0, 1]")
+    for key in ("data.num_frames", "data.sampling_rate", "data.input_size", "data.num_sample", "model.patch_size",
+                "model.tubelet_size", "batch_size", "optim.accum_steps", "log_every", "ckpt_every", "optim.epochs"):
+        value = _get(cfg, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            _fail(key, value, "must be a positive integer")
+    if d.num_workers < 0:
+        _fail("data.num_workers", d.num_workers, "must be >= 0")
+    if d.input_size % m.patch_size:
+        _fail("data.input_size", d.input_size, f"must be divisible by model.patch_size={m.patch_size}")
+    if d.num_frames % m.tubelet_size:
+        _fail("data.num_frames", d.num_frames, f"must be divisible by model.tubelet_size={m.tubelet_size}")
+    if d.num_frames // m.tubelet_size < 2 and cfg.target.motion:
+        _fail("data.num_frames", d.num_frames, "motion targets need at least 2 tubelets (2 tracked frames)")
+    if not 0.0 <= d.max_skip_fraction <= 1.0:
+        _fail("data.max_skip_fraction", d.max_skip_fraction, "must lie in [0, 1]")
+    if not d.scales or any(not 0.0 < s <= 1.0 for s in d.scales):
+        _fail("data.scales", d.scales, "must be a non-empty list of crop scales in (0, 1]")
+    if len(d.mean) != 3 or len(d.std) != 3 or any(s <= 0 for s in d.std):
+        _fail("data.std", d.std, "mean and std need 3 values; std must be positive")
+    if d.source == "list":
+        if not d.list_file:
+            _fail("data.list_file", d.list_file, "is required when data.source='list'")
+        if not Path(d.list_file).expanduser().is_file():
+            _fail("data.list_file", d.list_file, "file not found")
+        if d.root is not None and not Path(d.root).expanduser().is_dir():
+            _fail("data.root", d.root, "folder not found")
+    t = cfg.tracker
+    if cfg.target.motion or cfg.mask.type == "motion":
+        if t.backend == "cotracker3" and not t.checkpoint:
+            _fail("tracker.checkpoint", t.checkpoint, "tracker.backend='cotracker3' needs a checkpoint path (or 'official')")
+        if t.checkpoint and t.checkpoint != "official" and not Path(t.checkpoint).expanduser().is_file():
+            _fail("tracker.checkpoint", t.checkpoint, "file not found")
+        side = tokens_per_side(cfg)
+        grid = tracker_grid_size(cfg)
+        if grid < 2:
+            _fail("tracker.grid_size", t.grid_size, "must be >= 2 (or 0: one point per token)")
+        if t.iters < 1:
+            _fail("tracker.iters", t.iters, "must be >= 1")
+        if cfg.target.upsample < 1:
+            _fail("target.upsample", cfg.target.upsample, "must be >= 1")
+        if (grid * cfg.target.upsample) % side:
+            _fail("tracker.grid_size", t.grid_size,
+                  f"grid x target.upsample = {grid * cfg.target.upsample} must be a multiple of the token grid {side}")
+        if cfg.mask.type == "motion" and grid % side:
+            _fail("tracker.grid_size", t.grid_size, f"motion-aware masking needs a multiple of the token grid {side}")
+    if cfg.target.spatial == "none" and not cfg.target.motion:
+        _fail("target.motion", cfg.target.motion, "at least one of a spatial target and the motion target is needed")
+    if cfg.target.clip_checkpoint and not Path(cfg.target.clip_checkpoint).expanduser().is_file():
+        _fail("target.clip_checkpoint", cfg.target.clip_checkpoint, "file not found")
+    if cfg.target.motion_weight is not None and cfg.target.motion_weight < 0:
+        _fail("target.motion_weight", cfg.target.motion_weight, "must be >= 0")
+    if o.base_lr <= 0 or o.min_lr < 0:
+        _fail("optim.base_lr", o.base_lr, "learning rates must be positive (min_lr >= 0)")
+    if o.lr is not None and o.lr <= 0:
+        _fail("optim.lr", o.lr, "must be positive or null")
+    if o.max_steps is not None and o.max_steps < 1:
+        _fail("optim.max_steps", o.max_steps, "must be >= 1 or null")
+    if o.warmup_epochs < 0 or (o.warmup_steps is not None and o.warmup_steps < 0):
+        _fail("optim.warmup_epochs", o.warmup_epochs, "warm-up must be >= 0")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", o.weight_decay, "must be >= 0")
+    if len(o.betas) != 2 or any(not 0.0 <= b < 1.0 for b in o.betas):
+        _fail("optim.betas", o.betas, "need two values in [0, 1)")
+    if o.clip_grad is not None and o.clip_grad <= 0:
+        _fail("optim.clip_grad", o.clip_grad, "must be positive or null")
+    if not 0.0 <= m.drop_path < 1.0:
+        _fail("model.drop_path", m.drop_path, "must lie in [0, 1)")
+    rm = resolve_model(m)
+    for prefix, dim, heads in (("model.embed_dim", rm.embed_dim, rm.num_heads),
+                               ("model.decoder_dim", rm.decoder_dim, rm.decoder_heads)):
+        if dim % heads:
+            _fail(prefix, dim, f"must be divisible by its head count {heads}")
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).expanduser().is_file():
+        _fail("resume", cfg.resume, "checkpoint file not found (use 'auto' to pick the newest in the run folder)")
+    if cfg.keep_checkpoints < 1:
+        _fail("keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Dict <-> dataclass, presets and overrides
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Convert a YAML value to the dataclass field's declared type, or raise ConfigError naming the key."""
+    origin = get_origin(hint)
+    args = get_args(hint)
+    if value is None:
+        if hint is type(None) or type(None) in args:
+            return None
+        raise ConfigError(f"{key}: null is not allowed here (expected {hint})")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a list")
+        inner = args[0] if args else Any
+        return tuple(_coerce(key, v, inner) for v in value)
+    if args and type(None) in args:  # Optional[X] / X | None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r}: expected true or false")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r}: expected a number")
+        if math.isnan(float(value)):
+            raise ConfigError(f"{key}: NaN is not a valid value")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r}: expected a string")
+        return value
+    return value
+
+
+def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    changes = {}
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            raise ConfigError(f"unknown config key {full!r}; known keys here: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{full} is a section; give its keys (e.g. {full}.<key>=...)")
+            changes[key] = _apply(current, value, f"{full}.")
+        else:
+            changes[key] = _coerce(full, value, hints[key])
+    return dataclasses.replace(obj, **changes)
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    def convert(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [convert(x) for x in v]
+        if isinstance(v, dict):
+            return {k: convert(x) for k, x in v.items()}
+        return v
+
+    return convert(dataclasses.asdict(cfg))
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of sections and keys")
+    return data
+
+
+def preset_path(name: str) -> Path:
+    """A preset name (`vit_b_k400`) or a path to a YAML file."""
+    candidate = Path(name).expanduser()
+    if candidate.suffix in (".yaml", ".yml") and candidate.is_file():
+        return candidate
+    path = PRESET_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+        raise ConfigError(f"config preset {name!r} not found (neither a YAML file nor one of {known})")
+    return path
+
+
+def _load_preset_dict(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    path = preset_path(name)
+    if str(path) in seen:
+        raise ConfigError(f"{path}: circular 'base:' chain {' -> '.join(seen)}")
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    if base is not None:
+        data = _merge(_load_preset_dict(base, seen + (str(path),)), data)
+    return data
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["optim.lr=1e-4", "data.flip=true"]` -> nested dict; values are parsed as YAML scalars/lists."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip().lstrip("-")
+        if not key:
+            raise ConfigError(f"override {item!r} has an empty key")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() != "" else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({exc})") from exc
+        node = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = value
+    return nested
+
+
+def load_config(preset: str = "default", overrides: list[str] | None = None, *, check: bool = True) -> TrainConfig:
+    """Build a config from a preset (name or YAML path) plus `section.key=value` overrides, then validate it."""
+    data = _merge(_load_preset_dict(preset), parse_overrides(overrides or []))
+    data.setdefault("preset", Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset)
+    cfg = _apply(TrainConfig(), data)
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
+    return validate(cfg) if check else cfg
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def config_from_dict(data: dict[str, Any], *, check: bool = True) -> TrainConfig:
+    cfg = _apply(TrainConfig(), data)
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
+    return validate(cfg) if check else cfg
