@@ -1,0 +1,127 @@
+"""Atomic checkpoints and resume.
+
+A checkpoint is written to a temporary file in the same folder, flushed to disk, then renamed over its final name, so a
+kill at any moment leaves either the previous complete file or the new complete file, never a half one. `--resume auto`
+takes the newest checkpoint that loads and has every section; a damaged one is reported and skipped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
+REQUIRED_SECTIONS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "config", "rng")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or lacks a section; the message names the file."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:  # make the rename itself durable
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated, corrupt, or not a torch file
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a dict of sections, found {type(state).__name__}")
+    missing = [k for k in REQUIRED_SECTIONS if k not in state]
+    if missing:
+        raise CheckpointError(f"{path}: missing sections {missing}")
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# RNG state, stored as tensors and plain values so that checkpoints load with weights_only=True
+
+
+def capture_rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"key": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    npst = state["numpy"]
+    np.random.set_state(("MT19937", npst["key"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"],
+                         npst["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+class CheckpointManager:
+    """`<run>/checkpoints/checkpoint-<step>.pt`, keeping the newest `keep`."""
+
+    def __init__(self, run_dir: str | Path, keep: int = 3):
+        self.dir = Path(run_dir) / "checkpoints"
+        self.keep = keep
+
+    def path_for(self, step: int) -> Path:
+        return self.dir / f"checkpoint-{step:08d}.pt"
+
+    def list(self) -> list[Path]:
+        """Checkpoints, newest first."""
+        if not self.dir.is_dir():
+            return []
+        found = [(int(m.group(1)), p) for p in self.dir.iterdir() if (m := CHECKPOINT_RE.match(p.name))]
+        return [p for _, p in sorted(found, reverse=True)]
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        path = atomic_save(state, self.path_for(step))
+        for old in self.list()[self.keep:]:
+            old.unlink(missing_ok=True)
+        return path
+
+    def newest_valid(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+        for path in self.list():
+            try:
+                return path, load_checkpoint(path, map_location)
+            except CheckpointError as exc:
+                log.warning("skipping damaged checkpoint: %s", exc)
+        return None
