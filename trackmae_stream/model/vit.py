@@ -113,11 +113,11 @@ class VideoEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, *, dim: int, depth: int, num_heads: int, mlp_ratio: float, out_dim: int, bias: bool = True):
+    def __init__(self, *, dim: int, depth: int, num_heads: int, mlp_ratio: float, out_dim: int):
         super().__init__()
         self.blocks = Blocks([Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = nn.Linear(dim, out_dim, bias=bias)
+        self.head = nn.Linear(dim, out_dim)
 
     def forward(self, x: Tensor, num_masked: int) -> Tensor:
         """Predictions for the last `num_masked` tokens (the mask tokens)."""
@@ -177,7 +177,7 @@ class TrackMAE(nn.Module):
             self.decoder = Decoder(out_dim=s.spatial_dim, **decoder_kw)
         if s.motion_dim is not None:
             self.motion_encoder_to_decoder = nn.Linear(s.embed_dim, s.decoder_dim, bias=False)
-            self.motion_decoder = Decoder(out_dim=s.motion_dim, bias=False, **decoder_kw)
+            self.motion_decoder = Decoder(out_dim=s.motion_dim, **decoder_kw)
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 

@@ -1,0 +1,78 @@
+"""Config: presets, overrides, type coercion, and validation errors that name the key."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from trackmae_stream.config import (ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides,
+                                    save_config, to_dict)
+
+
+def test_default_preset_resolves_tiny_model():
+    cfg = load_config("default")
+    assert cfg.model.arch == "vit_tiny" and cfg.model.embed_dim == 192 and cfg.model.decoder_heads == 4
+    assert cfg.data.source == "synthetic"
+    assert cfg.mask.type == "motion" and cfg.mask.rho == 0.5
+
+
+def test_base_chain_and_overrides_merge(tmp_path):
+    list_file = tmp_path / "train.txt"
+    list_file.write_text("a.mp4 0\n")
+    cfg = load_config("vit_s_k400", [f"data.list_file={list_file}", "optim.base_lr=3e-4", "data.scales=[1, 0.5]",
+                                     "data.flip=true", "tracker.checkpoint=null", "tracker.backend=lucas-kanade"])
+    assert cfg.model.arch == "vit_small" and cfg.model.embed_dim == 384  # from vit_s_k400
+    assert cfg.optim.warmup_epochs == 40  # inherited from vit_b_k400
+    assert cfg.optim.base_lr == pytest.approx(3e-4)
+    assert cfg.data.scales == (1.0, 0.5) and cfg.data.flip is True
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("default", ["optim.clip_grad=0.5", "mask.ratio=0.75"])
+    path = tmp_path / "config.yaml"
+    save_config(cfg, path)
+    again = config_from_dict(yaml.safe_load(path.read_text()))
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("mask.ratio=1.0", "mask.ratio"),
+    ("mask.ratio=0", "mask.ratio"),
+    ("mask.rho=1.5", "mask.rho"),
+    ("mask.rho=-0.1", "mask.rho"),
+    ("data.input_size=120", "data.input_size"),  # not divisible by the 16-px patch
+    ("data.num_frames=15", "data.num_frames"),  # not divisible by the tubelet
+    ("data.source=list", "data.list_file"),  # list source without a list file
+    ("data.list_file=/nonexistent/list.txt", "data.list_file"),
+    ("tracker.checkpoint=/nonexistent/scaled_offline.pth", "tracker.checkpoint"),
+    ("tracker.backend=cotracker3", "tracker.checkpoint"),
+    ("resume=/nonexistent/ckpt.pt", "resume"),
+    ("model.arch=vit_gigantic", "model.arch"),
+    ("batch_size=0", "batch_size"),
+    ("optim.betas=[0.9]", "optim.betas"),
+    ("tracker.grid_size=5", "tracker.grid_size"),  # 5 * 2 is not a multiple of the 7-token grid
+])
+def test_out_of_range_values_fail_naming_the_key(override, key):
+    overrides = [override]
+    if override.startswith("data.list_file"):
+        overrides.append("data.source=list")
+    with pytest.raises(ConfigError) as err:
+        load_config("default", overrides)
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_unknown_keys_and_bad_types_are_rejected():
+    with pytest.raises(ConfigError, match="unknown config key 'optim.learning_rate'"):
+        load_config("default", ["optim.learning_rate=1"])
+    with pytest.raises(ConfigError, match="batch_size='eight': expected an integer"):
+        load_config("default", ["batch_size=eight"])
+    with pytest.raises(ConfigError, match="data.flip=1: expected true or false"):
+        load_config("default", ["data.flip=1"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        parse_overrides(["optim.lr"])
+    with pytest.raises(ConfigError, match="config preset 'nope' not found"):
+        load_config("nope")
+
+
+def test_defaults_are_valid_dataclass():
+    cfg = TrainConfig()
+    assert cfg.mask.ratio == 0.9 and cfg.target.upsample == 2

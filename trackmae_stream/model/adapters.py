@@ -1,0 +1,127 @@
+"""State-dict adapters between this project's TrackMAE and the checkpoint formats people already have.
+
+Formats:
+  - "native": this project (`encoder.blocks.{i}.attn.qkv.bias` fused; motion decoder `motion_decoder.*` with the
+    projection `motion_encoder_to_decoder`; no position tables, they are fixed sin-cos buffers).
+  - "videomae": MCG-NJU/VideoMAE and VideoMAE V2 pretraining checkpoints: `attn.q_bias` + `attn.v_bias` instead of a
+    fused bias (the key bias is zero), no motion decoder, no position tables. VideoMAE's fine-tuning code reads this.
+  - "trackmae_public": rvandeghen/TrackMAE: fused `attn.qkv.bias`, motion decoder `tracker_decoder.*` with projection
+    `encoder_to_tracker`, and saved `encoder.pos_embed` / `decoder_pos_embed` buffers.
+A key bias adds the same q·b_k to every logit of a query row, so softmax ignores it: dropping it on export to VideoMAE is
+exact. Every load checks that every expected key arrived with its shape (transformers once loaded old q_bias/v_bias
+checkpoints with the biases silently zero; that must not happen here).
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+FORMATS = ("native", "videomae", "trackmae_public")
+_QKV_BIAS = re.compile(r"^(.*\.attn)\.qkv\.bias$")
+_Q_BIAS = re.compile(r"^(.*\.attn)\.q_bias$")
+_PUBLIC_RENAMES = (("tracker_decoder.", "motion_decoder."), ("encoder_to_tracker.", "motion_encoder_to_decoder."))
+_POSITION_TABLES = ("encoder.pos_embed", "decoder_pos_embed", "pos_embed")
+
+
+class StateDictError(RuntimeError):
+    """A checkpoint does not fit the model; the message lists the keys."""
+
+
+def unwrap_checkpoint(obj: Mapping) -> dict[str, Tensor]:
+    """The state dict inside a checkpoint file: `model`, `module` (DeepSpeed), `state_dict`, or the dict itself."""
+    for key in ("model", "module", "state_dict"):
+        if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
+            obj = obj[key]
+            break
+    sd = dict(obj)
+    if sd and all(k.startswith("module.") for k in sd):  # saved from a DDP wrapper
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    if sd and all(k.startswith("_orig_mod.") for k in sd):  # saved from torch.compile
+        sd = {k[len("_orig_mod."):]: v for k, v in sd.items()}
+    return sd
+
+
+def detect_format(sd: Mapping[str, Tensor]) -> str:
+    keys = set(sd)
+    if any(k.startswith(("tracker_decoder.", "encoder_to_tracker.")) for k in keys) or "decoder_pos_embed" in keys:
+        return "trackmae_public"
+    if any(_Q_BIAS.match(k) for k in keys):
+        return "videomae"
+    return "native"
+
+
+def to_native(sd: Mapping[str, Tensor], fmt: str | None = None) -> tuple[dict[str, Tensor], str]:
+    """Convert a state dict of any supported format to native keys; returns (state dict, detected format)."""
+    fmt = fmt or detect_format(sd)
+    if fmt not in FORMATS:
+        raise StateDictError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if key in _POSITION_TABLES:
+            continue  # fixed sin-cos tables are rebuilt by the model
+        if fmt == "trackmae_public":
+            for old, new in _PUBLIC_RENAMES:
+                if key.startswith(old):
+                    key = new + key[len(old):]
+        if m := _Q_BIAS.match(key):
+            prefix = m.group(1)
+            v_key = f"{prefix}.v_bias"
+            if v_key not in sd:
+                raise StateDictError(f"{key} has no matching {v_key}")
+            out[f"{prefix}.qkv.bias"] = torch.cat([value, torch.zeros_like(value), sd[v_key]])
+            continue
+        if key.endswith(".attn.v_bias"):
+            continue  # consumed with its q_bias
+        out[key] = value
+    return out, fmt
+
+
+def from_native(sd: Mapping[str, Tensor], fmt: str) -> dict[str, Tensor]:
+    """Export native keys to `fmt`. "videomae" keeps the encoder, the spatial decoder and the mask token."""
+    if fmt == "native":
+        return dict(sd)
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        if fmt == "videomae":
+            if key.startswith(("motion_decoder.", "motion_encoder_to_decoder.")):
+                continue
+            if m := _QKV_BIAS.match(key):
+                q, _, v = value.chunk(3)
+                out[f"{m.group(1)}.q_bias"] = q.clone()
+                out[f"{m.group(1)}.v_bias"] = v.clone()
+                continue
+        elif fmt == "trackmae_public":
+            for new, old in ((n, o) for o, n in _PUBLIC_RENAMES):
+                if key.startswith(new):
+                    key = old + key[len(new):]
+        else:
+            raise StateDictError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
+        out[key] = value
+    return out
+
+
+def load_model_state(model: nn.Module, state: Mapping, *, source: str = "checkpoint", fmt: str | None = None,
+                     allow_missing_prefixes: tuple[str, ...] = ()) -> str:
+    """Load any supported format into `model`, strictly: missing keys, unexpected keys and shape mismatches are an
+    error that lists them. `allow_missing_prefixes` admits deliberate gaps (e.g. ("motion_",) to start TrackMAE from
+    a VideoMAE checkpoint with a fresh motion decoder). Returns the detected format."""
+    sd, fmt = to_native(unwrap_checkpoint(state), fmt)
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in sd and not k.startswith(allow_missing_prefixes))
+    unexpected = sorted(k for k in sd if k not in expected)
+    wrong_shape = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
+                         for k in sd if k in expected and sd[k].shape != expected[k].shape)
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {missing}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
+    if wrong_shape:
+        problems.append(f"shape mismatches ({len(wrong_shape)}): {wrong_shape}")
+    if problems:
+        raise StateDictError(f"{source} ({fmt} format) does not fit the model: " + "; ".join(problems))
+    model.load_state_dict(sd, strict=not allow_missing_prefixes)
+    return fmt

@@ -1,0 +1,156 @@
+"""From a loader batch of uint8 clips to what one training step consumes, overlapped with training on CUDA.
+
+Per batch: copy the clips to the device, track a query grid on the first frame of every tubelet, turn the tracks into
+motion targets and the motion statistic, draw the masks, gather the visible raw patches and the targets at the masked
+tokens. On CUDA all of it runs on a dedicated stream for batch i+1 while the default stream trains on batch i; the
+handoff waits on an event and marks every handed-over tensor with `record_stream`, so the caching allocator never
+reuses its memory while the training stream may still read it.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, fields
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+from . import kernels
+from .config import TrainConfig, tracker_grid_size
+from .masking import MaskGenerator
+from .metrics import IntervalTimer
+from .targets import TargetBuilder
+from .tracking import PointTracker
+
+
+@dataclass
+class TrainBatch:
+    patches: Tensor  # (B, V, 3*t*p*p) ImageNet-normalised visible tubelets, Conv3d weight order
+    visible_idx: Tensor  # (B, V) ascending token indices
+    masked_idx: Tensor  # (B, M) ascending token indices
+    spatial_target: Tensor | None  # (B, M, spatial_dim)
+    motion_target: Tensor | None  # (B, M, motion_dim)
+    skipped: Tensor | None  # (B, k) host tensor: record indices of videos that failed to decode (-1 padding)
+    step: int  # micro-batch index the masks were drawn for
+
+    @property
+    def num_clips(self) -> int:
+        return self.patches.shape[0]
+
+    def device_tensors(self) -> list[Tensor]:
+        out = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Tensor) and value.device.type == "cuda":
+                out.append(value)
+        return out
+
+
+class BatchPreparer:
+    """Runs on whatever stream is current; the prefetcher decides which."""
+
+    def __init__(self, cfg: TrainConfig, tracker: PointTracker | None, targets: TargetBuilder, masks: MaskGenerator,
+                 device: torch.device):
+        self.cfg = cfg
+        self.tracker = tracker
+        self.targets = targets
+        self.masks = masks
+        self.device = device
+        self.grid_size = tracker_grid_size(cfg)
+        self.tubelet = cfg.model.tubelet_size
+        self.patch = cfg.model.patch_size
+        self.mean = tuple(cfg.data.mean)
+        self.std = tuple(cfg.data.std)
+        self.patch_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.precision == "bf16") else torch.float32
+
+    @property
+    def needs_tracks(self) -> bool:
+        return self.cfg.target.motion or self.masks.needs_motion
+
+    def track(self, frames_u8: Tensor) -> Tensor:
+        """Tracks (B, T', G², 2) of the query grid over the first frame of every tubelet, in clip pixels."""
+        frames = frames_u8[:, :: self.tubelet].permute(0, 1, 4, 2, 3).float()  # (B, T', 3, H, W) in [0, 255]
+        return self.tracker.track_grid(frames, self.grid_size).tracks
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Any], step: int) -> TrainBatch:
+        frames = batch["frames"].to(self.device, non_blocking=True)
+        b = frames.shape[0]
+        motion_all = token_stat = None
+        if self.needs_tracks:
+            motion_all, token_stat = self.targets.motion(self.track(frames))
+        mask = self.masks(step, b, self.device, token_stat=token_stat)
+        patches = kernels.gather_patches(frames, mask.visible_idx, tubelet=self.tubelet, patch=self.patch,
+                                         layout="BTHWC", mean=self.mean, std=self.std, out_dtype=self.patch_dtype)
+        motion_target = kernels.gather_tokens(motion_all, mask.masked_idx) if self.cfg.target.motion else None
+        return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=mask.masked_idx,
+                          spatial_target=self.targets.spatial(frames, mask.masked_idx), motion_target=motion_target,
+                          skipped=batch.get("skipped"), step=step)
+
+
+class StreamingPrefetcher:
+    """Iterator of prepared batches. On CUDA with `overlap`, batch i+1 is prepared on a side stream as soon as batch
+    i is handed out, so tracking and target building overlap the training step on batch i."""
+
+    def __init__(self, loader: Any, preparer: BatchPreparer, *, start_step: int, timer: IntervalTimer,
+                 overlap: bool = True):
+        self.loader_iter: Iterator = iter(loader)
+        self.preparer = preparer
+        self.step = start_step
+        self.timer = timer
+        self.cuda = preparer.device.type == "cuda"
+        self.stream = torch.cuda.Stream(preparer.device) if (self.cuda and overlap) else None
+        self._next: TrainBatch | None = None
+        self._ready: torch.cuda.Event | None = None
+        self._host_batch: Any = None  # keeps pinned host memory alive until its async copy has completed
+        self._exhausted = False
+        self._preload()
+
+    def _fetch(self) -> dict[str, Any] | None:
+        t0 = time.perf_counter()
+        try:
+            batch = next(self.loader_iter)
+        except StopIteration:
+            batch = None
+        self.timer.add("data", time.perf_counter() - t0)
+        return batch
+
+    def _preload(self) -> None:
+        if self.stream is None:
+            batch = self._fetch()
+            if batch is None:
+                self._exhausted = True
+                return
+            t0 = time.perf_counter()
+            self._next = self.preparer(batch, self.step)
+            self.timer.add("prepare", time.perf_counter() - t0)
+            return
+        # The side stream must not start before the default stream has finished with what it frees.
+        self.stream.wait_stream(torch.cuda.current_stream(self.preparer.device))
+        with torch.cuda.stream(self.stream):
+            batch = self._fetch()  # a GPU loader (DALI) then writes its output on this stream too
+            if batch is None:
+                self._exhausted = True
+                return
+            t0 = time.perf_counter()
+            self._next = self.preparer(batch, self.step)
+            self._ready = torch.cuda.Event()
+            self._ready.record(self.stream)
+            self.timer.add("prepare", time.perf_counter() - t0)
+        self._host_batch = batch
+
+    def __iter__(self) -> "StreamingPrefetcher":
+        return self
+
+    def __next__(self) -> TrainBatch:
+        if self._exhausted:
+            raise StopIteration
+        out = self._next
+        if self.stream is not None:
+            consumer = torch.cuda.current_stream(self.preparer.device)
+            consumer.wait_event(self._ready)
+            for tensor in out.device_tensors():
+                tensor.record_stream(consumer)
+        self.step += 1
+        self._preload()
+        return out
