@@ -401,12 +401,17 @@ class Trainer:
 
 
 def _kernel_backend(device: torch.device) -> str:
-    from . import kernels
-
+    """What the kernel dispatch will pick, for the run log (the dispatch layer itself decides per call)."""
     forced = os.environ.get("TRACKMAE_KERNEL_BACKEND")
     if forced:
         return forced
-    return kernels.default_backend(device)
+    if device.type != "cuda":
+        return "torch"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "triton"
 
 
 def _newest_run(output_dir: Path, preset: str) -> Path | None:
