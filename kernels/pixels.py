@@ -1,0 +1,281 @@
+"""Pixel tokens: raw visible patches for the encoder and VideoMAE per-patch-normalised pixel targets.
+
+Token index n = t*(H/p)*(W/p) + h*(W/p) + w for tubelets of kt frames and p x p pixels (H != W allowed).
+
+Input layouts:
+- "BCTHW": float (B, 3, T, H, W), ImageNet-normalised with `mean`/`std` (the reference vectors' layout). Raw values
+  are recovered as float32 `video * std + mean`, bit-exact with the official `unnorm_videos`.
+- "BTHWC": uint8 (B, T, H, W, 3) raw frames (the trainer's fast path): raw = u8 / 255 and the normalised value is
+  (raw - mean) / std, the dataset pipeline's order of operations.
+
+- `gather_patches`: the NORMALISED values of the tokens in `idx`, flattened in Conv3d weight order (c, kt, kh, kw),
+  so that `F.linear(patches, conv.weight.flatten(1), conv.bias)` equals the Conv3d patch embedding at those tokens:
+  the embedding then runs on the visible tokens only. It is an input, so it needs no backward.
+- `pixel_targets`: raw [0, 1] values in (kt, kh, kw, c) order (VideoMAE's `(p0 p1 p2) c`), standardised per patch
+  and channel as (v - mean) / (std_unbiased + eps) when `normalize` (VideoMAE's rule).
+
+The torch twins are the definitions; one Triton kernel serves both functions, one program per (clip, token), each
+input byte read once and the patch statistics accumulated in fp32 registers.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+
+LAYOUTS = ("BCTHW", "BTHWC")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class PixelGeometry:
+    """Sizes of one pixel call, validated."""
+
+    batch: int
+    frames: int
+    height: int
+    width: int
+    tubelet: int
+    patch: int
+
+    @property
+    def grid(self) -> tuple[int, int, int]:
+        return self.frames // self.tubelet, self.height // self.patch, self.width // self.patch
+
+    @property
+    def num_tokens(self) -> int:
+        gt, gh, gw = self.grid
+        return gt * gh * gw
+
+    @property
+    def points(self) -> int:
+        """Pixels per token and channel."""
+        return self.tubelet * self.patch * self.patch
+
+
+def check_pixel_args(what: str, video: Tensor, idx: Tensor | None, layout: str, tubelet: int, patch: int,
+                     mean: tuple[float, ...], std: tuple[float, ...], out_dtype: torch.dtype) -> PixelGeometry:
+    """Validate a pixel call and return its sizes; raises ValueError/TypeError naming the problem."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"{what}: layout must be one of {LAYOUTS}, got {layout!r}")
+    if not isinstance(video, Tensor) or video.ndim != 5:
+        raise ValueError(f"{what}: video must be a 5-d tensor ({layout}), got "
+                         f"{tuple(video.shape) if isinstance(video, Tensor) else type(video).__name__}")
+    if layout == "BCTHW":
+        batch, channels, frames, height, width = video.shape
+        if not video.is_floating_point():
+            raise TypeError(f"{what}: layout BCTHW expects a normalised float video, got {video.dtype}")
+    else:
+        batch, frames, height, width, channels = video.shape
+        if video.dtype != torch.uint8:
+            raise TypeError(f"{what}: layout BTHWC expects uint8 frames, got {video.dtype}")
+    if channels != 3:
+        raise ValueError(f"{what}: video must have 3 channels ({layout}), got shape {tuple(video.shape)}")
+    if not isinstance(tubelet, int) or not isinstance(patch, int) or tubelet < 1 or patch < 1:
+        raise ValueError(f"{what}: tubelet and patch must be ints >= 1, got {tubelet!r}, {patch!r}")
+    if frames % tubelet or height % patch or width % patch:
+        raise ValueError(f"{what}: video (T, H, W) = ({frames}, {height}, {width}) is not divisible by "
+                         f"(tubelet, patch, patch) = ({tubelet}, {patch}, {patch})")
+    if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
+        raise ValueError(f"{what}: mean and std need 3 values each and std > 0, got {mean}, {std}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"{what}: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+    geo = PixelGeometry(batch, frames, height, width, tubelet, patch)
+    if idx is not None:
+        if not isinstance(idx, Tensor) or idx.ndim != 2 or idx.shape[0] != batch:
+            raise ValueError(f"{what}: idx must be a (B, M) tensor with B = {batch}, got "
+                             f"{tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__}")
+        if idx.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{what}: idx must be int64 or int32 token indices, got {idx.dtype}")
+        if idx.device != video.device:
+            raise ValueError(f"{what}: idx is on {idx.device} but video is on {video.device}")
+    return geo
+
+
+@functools.lru_cache(maxsize=32)
+def _channel_constants(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """(3,) float32 on `device`, cached: building it anew every step would cost a host-to-device copy."""
+    return torch.tensor(values, dtype=torch.float32).to(device)
+
+
+def _channel_view(values: tuple[float, ...], device: torch.device, ndim: int, channel_dim: int) -> Tensor:
+    shape = [1] * ndim
+    shape[channel_dim] = 3
+    return _channel_constants(tuple(float(v) for v in values), device).view(shape)
+
+
+def _token_blocks(video: Tensor, idx: Tensor, layout: str, geo: PixelGeometry) -> Tensor:
+    """The tokens `idx` (B, M) as blocks in the input's dtype, without materialising the whole token grid:
+    BCTHW -> (B, M, 3, kt, p, p); BTHWC -> (B, M, kt, p, p, 3)."""
+    gt, gh, gw = geo.grid
+    kt, p = geo.tubelet, geo.patch
+    idx = idx.to(torch.int64)
+    t, rest = idx // (gh * gw), idx % (gh * gw)
+    h, w = rest // gw, rest % gw
+    clip = torch.arange(geo.batch, device=video.device)[:, None]
+    if layout == "BCTHW":
+        grid = video.reshape(geo.batch, 3, gt, kt, gh, p, gw, p)
+        return grid[clip, :, t, :, h, :, w, :]  # advanced indices first: (B, M, 3, kt, p, p)
+    grid = video.reshape(geo.batch, gt, kt, gh, p, gw, p, 3)
+    return grid[clip, t, :, h, :, w, :, :]  # (B, M, kt, p, p, 3)
+
+
+def _all_tokens(geo: PixelGeometry, device: torch.device) -> Tensor:
+    return torch.arange(geo.num_tokens, device=device).expand(geo.batch, geo.num_tokens)
+
+
+def gather_patches_torch(video: Tensor, idx: Tensor, *, tubelet: int = 2, patch: int = 16, layout: str,
+                         mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                         out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Reference twin: (B, M, 3*kt*p*p) normalised values of tokens `idx`, in (c, kt, kh, kw) order."""
+    geo = check_pixel_args("gather_patches", video, idx, layout, tubelet, patch, mean, std, out_dtype)
+    blocks = _token_blocks(video, idx, layout, geo)
+    if layout == "BCTHW":
+        normalised = blocks.float()
+    else:
+        raw = blocks.permute(0, 1, 5, 2, 3, 4).float() / 255.0  # (B, M, 3, kt, p, p)
+        normalised = (raw - _channel_view(mean, video.device, 6, 2)) / _channel_view(std, video.device, 6, 2)
+    return normalised.reshape(geo.batch, idx.shape[1], 3 * geo.points).to(out_dtype)
+
+
+def pixel_targets_torch(video: Tensor, idx: Tensor | None = None, *, tubelet: int = 2, patch: int = 16,
+                        layout: str, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                        normalize: bool = True, eps: float = 1e-6, out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Reference twin: (B, M, kt*p*p*3) VideoMAE pixel targets of tokens `idx` (None: all), (p0 p1 p2 c) order."""
+    geo = check_pixel_args("pixel_targets", video, idx, layout, tubelet, patch, mean, std, out_dtype)
+    if idx is None:
+        idx = _all_tokens(geo, video.device)
+    blocks = _token_blocks(video, idx, layout, geo)
+    if layout == "BCTHW":
+        raw = blocks.float() * _channel_view(std, video.device, 6, 2) + _channel_view(mean, video.device, 6, 2)
+        raw = raw.permute(0, 1, 3, 4, 5, 2)  # (B, M, kt, p, p, 3)
+    else:
+        raw = blocks.float() / 255.0
+    raw = raw.reshape(geo.batch, idx.shape[1], geo.points, 3)
+    if normalize:
+        raw = (raw - raw.mean(dim=2, keepdim=True)) / (raw.var(dim=2, unbiased=True, keepdim=True).sqrt() + eps)
+    return raw.reshape(geo.batch, idx.shape[1], geo.points * 3).to(out_dtype)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _per_channel(channel, value0, value1, value2):
+        return tl.where(channel == 0, value0, tl.where(channel == 1, value1, value2))
+
+    @triton.jit
+    def _patch_kernel(
+        video_ptr, idx_ptr, out_ptr, num_idx, num_tokens, grid_h, grid_w,
+        stride_b, stride_c, stride_t, stride_h, stride_w,
+        mean0, mean1, mean2, std0, std1, std2, eps,
+        TUBELET: tl.constexpr, PATCH: tl.constexpr, U8_INPUT: tl.constexpr, RAW_OUTPUT: tl.constexpr,
+        CHANNEL_LAST_OUT: tl.constexpr, PATCH_NORM: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """One program per (clip, output token): gather one tubelet, convert, optionally standardise, store."""
+        clip = tl.program_id(0).to(tl.int64)
+        row = tl.program_id(1).to(tl.int64)
+        points: tl.constexpr = TUBELET * PATCH * PATCH
+        element = tl.arange(0, BLOCK)
+        valid = element < 3 * points
+        # the token index broadcast over the tile (a scalar-derived mask trips the Triton interpreter)
+        token = tl.zeros([BLOCK], tl.int64) + row
+        if HAS_IDX:
+            token = tl.zeros([BLOCK], tl.int64) + tl.load(idx_ptr + clip * num_idx + row).to(tl.int64)
+        token_ok = (token >= 0) & (token < num_tokens)  # out-of-range indices read zeros instead of faulting
+        per_frame = grid_h * grid_w
+        t = token // per_frame
+        h = (token % per_frame) // grid_w
+        w = token % grid_w
+        if CHANNEL_LAST_OUT:
+            channel = element % 3
+            point = element // 3
+        else:
+            channel = element // points
+            point = element % points
+        dt = point // (PATCH * PATCH)
+        dy = (point // PATCH) % PATCH
+        dx = point % PATCH
+        offset = (clip * stride_b + channel * stride_c + (t * TUBELET + dt) * stride_t
+                  + (h * PATCH + dy) * stride_h + (w * PATCH + dx) * stride_w)
+        x = tl.load(video_ptr + offset, mask=valid & token_ok, other=0).to(tl.float32)
+
+        mean = _per_channel(channel, mean0, mean1, mean2)
+        std = _per_channel(channel, std0, std1, std2)
+        if U8_INPUT:
+            raw = tl.div_rn(x, 255.0)
+            if RAW_OUTPUT:
+                value = raw
+            else:
+                value = tl.div_rn(raw - mean, std)
+        else:
+            if RAW_OUTPUT:
+                value = x * std + mean
+            else:
+                value = x
+
+        if PATCH_NORM:
+            c0 = valid & (channel == 0)
+            c1 = valid & (channel == 1)
+            c2 = valid & (channel == 2)
+            centre = _per_channel(channel, tl.sum(tl.where(c0, value, 0.0), axis=0),
+                                  tl.sum(tl.where(c1, value, 0.0), axis=0),
+                                  tl.sum(tl.where(c2, value, 0.0), axis=0)) / points
+            centred = value - centre
+            sq = centred * centred
+            var = _per_channel(channel, tl.sum(tl.where(c0, sq, 0.0), axis=0),
+                               tl.sum(tl.where(c1, sq, 0.0), axis=0),
+                               tl.sum(tl.where(c2, sq, 0.0), axis=0)) / (points - 1)
+            value = centred / (tl.sqrt_rn(var) + eps)
+
+        tl.store(out_ptr + (clip * num_idx + row) * (3 * points) + element,
+                 value.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch_patch_kernel(what: str, video: Tensor, idx: Tensor | None, geo: PixelGeometry, layout: str,
+                         mean: tuple[float, ...], std: tuple[float, ...], out_dtype: torch.dtype, *,
+                         raw_output: bool, channel_last_out: bool, patch_norm: bool, eps: float) -> Tensor:
+    require_triton(video.device, what)
+    num_idx = geo.num_tokens if idx is None else idx.shape[1]
+    out = torch.empty(geo.batch, num_idx, 3 * geo.points, dtype=out_dtype, device=video.device)
+    if out.numel() == 0:
+        return out
+    if layout == "BCTHW":
+        stride_b, stride_c, stride_t, stride_h, stride_w = video.stride()
+    else:
+        stride_b, stride_t, stride_h, stride_w, stride_c = video.stride()
+    _, grid_h, grid_w = geo.grid
+    block = next_power_of_2(3 * geo.points)
+    _patch_kernel[(geo.batch, num_idx)](
+        video, idx.contiguous() if idx is not None else out, out, num_idx, geo.num_tokens, grid_h, grid_w,
+        stride_b, stride_c, stride_t, stride_h, stride_w,
+        *(float(m) for m in mean), *(float(s) for s in std), float(eps),
+        TUBELET=geo.tubelet, PATCH=geo.patch, U8_INPUT=layout == "BTHWC", RAW_OUTPUT=raw_output,
+        CHANNEL_LAST_OUT=channel_last_out, PATCH_NORM=patch_norm, HAS_IDX=idx is not None, BLOCK=block,
+        num_warps=4 if block <= 1024 else 8,
+    )
+    return out
+
+
+def gather_patches_triton(video: Tensor, idx: Tensor, *, tubelet: int = 2, patch: int = 16, layout: str,
+                          mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                          out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Triton twin of `gather_patches_torch`."""
+    geo = check_pixel_args("gather_patches", video, idx, layout, tubelet, patch, mean, std, out_dtype)
+    return _launch_patch_kernel("gather_patches", video, idx, geo, layout, mean, std, out_dtype, raw_output=False,
+                                channel_last_out=False, patch_norm=False, eps=0.0)
+
+
+def pixel_targets_triton(video: Tensor, idx: Tensor | None = None, *, tubelet: int = 2, patch: int = 16,
+                         layout: str, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                         normalize: bool = True, eps: float = 1e-6,
+                         out_dtype: torch.dtype = torch.float32) -> Tensor:
+    """Triton twin of `pixel_targets_torch`."""
+    geo = check_pixel_args("pixel_targets", video, idx, layout, tubelet, patch, mean, std, out_dtype)
+    return _launch_patch_kernel("pixel_targets", video, idx, geo, layout, mean, std, out_dtype, raw_output=True,
+                                channel_last_out=True, patch_norm=normalize, eps=eps)
