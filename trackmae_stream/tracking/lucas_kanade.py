@@ -74,7 +74,8 @@ class LucasKanadeTracker(PointTracker):
     """Pyramidal Lucas-Kanade point tracker (no weights); `name = "lucas-kanade"`.
 
     Args:
-        window: side of the square integration window in pixels (odd; OpenCV's winSize, default 21).
+        window: side of the square integration window in pixels (odd; OpenCV's winSize). 15 rather than OpenCV's 21:
+            on the synthetic set (128 px) it halves the cost and lowers the mean end-point error (0.96 vs 1.19 px).
         levels: number of coarser pyramid levels above full resolution (OpenCV's maxLevel). Fewer are used when a
             level would not be larger than the window, as OpenCV does.
         iters: Newton iterations per level (a fixed count; converged points are frozen by masks).
@@ -88,7 +89,7 @@ class LucasKanadeTracker(PointTracker):
 
     name = "lucas-kanade"
 
-    def __init__(self, window: int = 21, levels: int = 3, iters: int = 10, eps: float = 0.01,
+    def __init__(self, window: int = 15, levels: int = 3, iters: int = 10, eps: float = 0.01,
                  min_eig_threshold: float = 1e-4, fb_threshold: float = 1.0, grid_rule: str = "cotracker"):
         super().__init__(grid_rule=grid_rule)
         if window < 3 or window % 2 == 0:
