@@ -1,0 +1,165 @@
+"""The synthetic default set: files, classes, determinism, caching, and ground truth against the decoded pixels."""
+from __future__ import annotations
+
+import json
+import multiprocessing
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from test_data_helpers import SMALL_SET, bilinear_sample, decode_all_frames, small_synthetic_set
+from trackmae_stream.data import read_video_list
+from trackmae_stream.data.synthetic import (CLASS_NAMES, DIRECTIONS, ROTATION_SENSES, ensure_synthetic_dataset,
+                                            ground_truth_tracks, lattice_queries, load_motion, tracks_path)
+
+TINY = dict(num_videos=3, size=32, num_frames=4, seed=11)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return small_synthetic_set(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def decoded(synthetic):
+    return [decode_all_frames(path) for path in synthetic.videos]
+
+
+def test_videos_decode_with_the_promised_shape_and_classes_are_balanced(synthetic, decoded):
+    assert len(synthetic.videos) == SMALL_SET["num_videos"]
+    for path, frames in zip(synthetic.videos, decoded):
+        assert path.suffix == ".webm" and tracks_path(path).is_file()
+        assert frames.shape == (SMALL_SET["num_frames"], SMALL_SET["size"], SMALL_SET["size"], 3)
+        assert frames.std() > 20  # textured, not flat
+    assert synthetic.class_names == CLASS_NAMES
+    counts = Counter(synthetic.labels)
+    assert set(counts) == set(range(len(CLASS_NAMES))) and len(set(counts.values())) == 1
+
+    train = read_video_list(synthetic.list_file)
+    val = read_video_list(synthetic.val_list_file)
+    listed = {r.path: r.label for r in train + val}
+    assert len(listed) == len(train) + len(val) == len(synthetic.videos)
+    assert listed == dict(zip(synthetic.videos, synthetic.labels))
+    first_line = synthetic.list_file.read_text().splitlines()[0].split()
+    assert not first_line[0].startswith("/") and first_line[1].isdigit()  # relative `path label` lines
+
+
+def test_class_is_set_by_motion(synthetic):
+    for path, label in zip(synthetic.videos, synthetic.labels):
+        motion = load_motion(path)
+        direction, sense = CLASS_NAMES[label].split("_")
+        unit = np.array(DIRECTIONS[direction])
+        heading_cos = motion.object_velocity @ unit / np.linalg.norm(motion.object_velocity, axis=1)
+        assert np.all(heading_cos > np.cos(np.radians(25)))
+        assert np.all(np.sign(motion.object_angular_velocity) == ROTATION_SENSES[sense])
+        speeds = np.linalg.norm(motion.object_velocity, axis=1)
+        assert np.all((speeds > 0.2) & (speeds < 4.0))  # a few px per frame at most: trackable
+
+
+def test_ground_truth_recomputed_on_the_lattice_equals_the_saved_arrays(synthetic):
+    occluded_in_frame = 0
+    for path in synthetic.videos:
+        with np.load(tracks_path(path)) as saved:
+            query, tracks, visible = saved["query_xy"], saved["tracks"], saved["visible"]
+        assert query.dtype == np.float32 and tracks.dtype == np.float32 and visible.dtype == bool
+        np.testing.assert_array_equal(query, lattice_queries(SMALL_SET["size"]))
+        assert tracks.shape == (SMALL_SET["num_frames"], len(query), 2)
+        np.testing.assert_allclose(tracks[0], query, atol=1e-4)
+        assert visible[0].all()
+        again_tracks, again_visible = ground_truth_tracks(path, query)
+        np.testing.assert_array_equal(again_tracks, tracks)
+        np.testing.assert_array_equal(again_visible, visible)
+        inside = np.all((tracks > 0) & (tracks < SMALL_SET["size"] - 1), axis=-1)
+        occluded_in_frame += int((inside & ~visible).sum())
+    assert occluded_in_frame > 0  # objects do occlude background points
+
+
+def test_tracked_points_keep_their_colour_in_the_decoded_video(synthetic, decoded):
+    """For visible points, the frame-0 colour under a query equals the frame-t colour at its ground-truth position
+    (up to VP9 loss and interpolation), and clearly better than 3 px away; occluded points do not match."""
+    rng = np.random.default_rng(0)
+    size = SMALL_SET["size"]
+    errors_true, errors_shifted, errors_occluded = [], [], []
+    for path, frames in zip(synthetic.videos, decoded):
+        queries = rng.uniform(2, size - 3, size=(60, 2))  # arbitrary points, not the stored lattice
+        tracks, visible = ground_truth_tracks(path, queries)
+        start = bilinear_sample(frames[0], queries)
+        for t in range(1, len(frames)):
+            inside = np.all((tracks[t] > 2) & (tracks[t] < size - 3), axis=-1)
+            here = bilinear_sample(frames[t], tracks[t])
+            shifted = bilinear_sample(frames[t], tracks[t] + np.array([3.0, -2.0]))
+            error = np.abs(here - start).mean(axis=1)
+            errors_true.append(error[visible[t] & inside])
+            errors_shifted.append(np.abs(shifted - start).mean(axis=1)[visible[t] & inside])
+            errors_occluded.append(error[~visible[t] & inside])
+    true, shifted, occluded = (np.median(np.concatenate(e)) for e in (errors_true, errors_shifted, errors_occluded))
+    assert true < 6.0
+    assert shifted > 2.5 * true
+    assert occluded > 2.5 * true
+
+
+def test_generation_is_deterministic_and_cached(tmp_path):
+    first = ensure_synthetic_dataset(tmp_path / "a", **TINY)
+    second = ensure_synthetic_dataset(tmp_path / "b", **TINY)
+    manifest_a = json.loads((first.root / "manifest.json").read_text())
+    manifest_b = json.loads((second.root / "manifest.json").read_text())
+    assert manifest_a["files"] == manifest_b["files"]  # same bytes from the same seed
+
+    video = first.videos[0]
+    stamp = video.stat().st_mtime_ns
+    again = ensure_synthetic_dataset(tmp_path / "a", **TINY)
+    assert again.videos == first.videos and video.stat().st_mtime_ns == stamp  # nothing regenerated
+
+    original = video.read_bytes()
+    video.write_bytes(original[: len(original) // 2])  # corrupt one file
+    ensure_synthetic_dataset(tmp_path / "a", **TINY)
+    assert video.read_bytes() == original
+    tracks_path(first.videos[1]).unlink()  # lose one file
+    ensure_synthetic_dataset(tmp_path / "a", **TINY)
+    assert tracks_path(first.videos[1]).is_file()
+
+    changed = ensure_synthetic_dataset(tmp_path / "a", **{**TINY, "seed": 12})
+    assert json.loads((changed.root / "manifest.json").read_text())["params"]["seed"] == 12
+    assert video.read_bytes() != original
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock", ".b.lock", "a", "b"]  # no leftovers
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
+    (tmp_path / "mine.txt").write_text("not a synthetic set")
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        ensure_synthetic_dataset(tmp_path, **TINY)
+    assert (tmp_path / "mine.txt").read_text() == "not a synthetic set"
+
+
+def test_h264_codec(tmp_path):
+    tiny = ensure_synthetic_dataset(tmp_path, **{**TINY, "codec": "h264"})
+    assert tiny.videos[0].suffix == ".mp4"
+    assert decode_all_frames(tiny.videos[0]).shape == (TINY["num_frames"], TINY["size"], TINY["size"], 3)
+
+
+def _generate(root: str, queue) -> None:
+    queue.put([str(p) for p in ensure_synthetic_dataset(root, **TINY).videos])
+
+
+def test_concurrent_generation_from_two_processes(tmp_path):
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    processes = [context.Process(target=_generate, args=(str(tmp_path / "set"), queue)) for _ in range(2)]
+    for process in processes:
+        process.start()
+    results = [queue.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+        assert process.exitcode == 0
+    assert results[0] == results[1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".set.lock", "set"]
+    for path in results[0]:
+        assert decode_all_frames(path).shape[0] == TINY["num_frames"]
+
+
+@pytest.mark.parametrize("bad", [dict(codec="av1"), dict(size=33), dict(num_videos=0), dict(num_frames=1),
+                                 dict(val_fraction=1.0)])
+def test_bad_parameters_raise(tmp_path, bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ensure_synthetic_dataset(tmp_path, **{**TINY, **bad})

@@ -1,0 +1,155 @@
+"""The pretraining clip data set: decode once, cut `num_sample` augmented clips, skip bad videos deterministically.
+
+Every random draw comes from a generator keyed by (seed, epoch, index, attempt, purpose, repeat), never from worker
+RNG state: a sample is the same for any number of DataLoader workers and after a resume. The epoch travels with the
+index (the loader's sampler yields (epoch, index) keys) because persistent workers hold copies of the data set.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .decode import DEFAULT_DECODER, DECODERS, ShortReadError, VideoDecodeError, open_video, sample_clip_indices
+from .lists import VideoRecord
+from .transforms import DEFAULT_SCALES, crop_resize_flip, sample_multi_scale_crop
+
+logger = logging.getLogger(__name__)
+
+#: A header may overstate the frame count by this much (WebM derives it from the duration) before the video is
+#: called truncated; within it, the clip is re-sampled from the frames that really decode.
+FRAME_COUNT_TOLERANCE = 2
+_TEMPORAL, _CROP, _SUBSTITUTE = 0, 1, 2  # purposes of the keyed generators
+
+
+class VideoClipDataset(torch.utils.data.Dataset):
+    """Clips of `num_frames` frames every `sampling_rate` frames, multi-scale cropped to input_size^2.
+
+    `__getitem__(key)` (key: index, or (epoch, index) from the loader's sampler) returns
+      frames        uint8 (num_sample, num_frames, input_size, input_size, 3) RGB, not normalised
+                    (see `normalize_clip`);
+      label         int64 (num_sample,);
+      index         int64 (), the requested index; source_index int64 (), the record actually decoded;
+      skipped       int64 (max_retries,), records that failed while producing this sample, padded with -1;
+      frame_indices int64 (num_sample, num_frames), source frame numbers (shared by the repeats, VideoMAE V2 style:
+                    one decode, num_sample augmentations);
+      crop_box      int64 (num_sample, 4), (x, y, width, height) of each crop in source pixels;
+      flipped       bool (num_sample,).
+    A missing, unreadable, corrupt or too-short video (fewer than num_frames frames) is logged once per file and
+    worker, and another record, drawn from the keyed generator, takes its place; after max_retries substitutes
+    in a row fail, a RuntimeError names them all.
+    """
+
+    def __init__(self, records: Sequence[VideoRecord], *, num_frames: int, sampling_rate: int, input_size: int,
+                 scales: Sequence[float] = DEFAULT_SCALES, max_distort: int = 1, fix_crop: bool = True,
+                 more_fix_crop: bool = True, flip: bool = False, num_sample: int = 1, decoder: str = DEFAULT_DECODER,
+                 decoder_threads: int = 1, seed: int = 0, max_retries: int = 4):
+        if not records:
+            raise ValueError("VideoClipDataset needs at least one record")
+        if decoder not in DECODERS:
+            raise ValueError(f"unknown decoder {decoder!r}; expected one of {DECODERS}")
+        for name, value in (("num_frames", num_frames), ("sampling_rate", sampling_rate),
+                            ("input_size", input_size), ("num_sample", num_sample)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if seed < 0 or max_retries < 0:
+            raise ValueError(f"seed and max_retries must be >= 0, got {seed}, {max_retries}")
+        self.records = list(records)
+        self.num_frames = num_frames
+        self.sampling_rate = sampling_rate
+        self.input_size = input_size
+        self.scales = tuple(scales)
+        self.max_distort = max_distort
+        self.fix_crop = fix_crop
+        self.more_fix_crop = more_fix_crop
+        self.flip = flip
+        self.num_sample = num_sample
+        self.decoder = decoder
+        self.decoder_threads = decoder_threads
+        self.seed = seed
+        self.max_retries = max_retries
+        self.epoch = 0
+        self._warned: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Epoch used for plain integer keys (the loader passes the epoch with every key instead)."""
+        self.epoch = epoch
+
+    def _rng(self, epoch: int, index: int, attempt: int, purpose: int, repeat: int = 0) -> np.random.Generator:
+        return np.random.default_rng([self.seed, epoch, index, attempt, purpose, repeat])
+
+    def _decode(self, record: VideoRecord, rng_key: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Frames (T, H, W, 3) and their indices for one record; VideoDecodeError when it cannot be used."""
+        with open_video(record.path, self.decoder, threads=self.decoder_threads) as reader:
+            available = reader.num_frames
+            while True:
+                if available < self.num_frames:
+                    raise VideoDecodeError(record.path, f"too short: {available} frames < num_frames "
+                                                        f"{self.num_frames}")
+                indices = sample_clip_indices(available, self.num_frames, self.sampling_rate,
+                                              self._rng(*rng_key, _TEMPORAL))
+                try:
+                    return reader.read(indices), indices
+                except ShortReadError as error:
+                    decodable = reader.count_decodable_frames()
+                    if decodable >= available or available - decodable > FRAME_COUNT_TOLERANCE:
+                        raise VideoDecodeError(record.path, f"truncated or corrupt: {error.reason}; "
+                                                            f"{decodable} frames decode") from error
+                    available = decodable
+
+    def _warn_once(self, error: VideoDecodeError) -> None:
+        if error.path not in self._warned:
+            self._warned.add(error.path)
+            logger.warning("skipping video %s: %s (another sample takes its place; the trainer counts skips)",
+                           error.path, error.reason)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"index {index} out of range for {len(self.records)} records")
+        skipped = np.full(self.max_retries, -1, dtype=np.int64)
+        failures: list[VideoDecodeError] = []
+        source = index
+        for attempt in range(self.max_retries + 1):
+            try:
+                frames, indices = self._decode(self.records[source], (epoch, index, attempt))
+                break
+            except VideoDecodeError as error:
+                self._warn_once(error)
+                failures.append(error)
+                if attempt == self.max_retries:
+                    raise RuntimeError(
+                        f"sample {index}: {len(failures)} videos in a row could not be decoded: "
+                        + "; ".join(str(f) for f in failures)
+                        + ". Check the list file and the data root.") from error
+                skipped[attempt] = source
+                source = int(self._rng(epoch, index, attempt, _SUBSTITUTE).integers(len(self.records)))
+
+        height, width = frames.shape[1:3]
+        size = self.input_size
+        clips = np.empty((self.num_sample, self.num_frames, size, size, 3), dtype=np.uint8)
+        boxes = np.empty((self.num_sample, 4), dtype=np.int64)
+        flipped = np.zeros(self.num_sample, dtype=bool)
+        for repeat in range(self.num_sample):
+            rng = self._rng(epoch, index, attempt, _CROP, repeat)
+            box = sample_multi_scale_crop(width, height, size, rng, scales=self.scales, max_distort=self.max_distort,
+                                          fix_crop=self.fix_crop, more_fix_crop=self.more_fix_crop)
+            flipped[repeat] = self.flip and bool(rng.random() < 0.5)
+            clips[repeat] = crop_resize_flip(frames, box, size, flip=bool(flipped[repeat]))
+            boxes[repeat] = (box.x, box.y, box.width, box.height)
+        label = self.records[source].label
+        return {
+            "frames": torch.from_numpy(clips),
+            "label": torch.full((self.num_sample,), label, dtype=torch.int64),
+            "index": torch.tensor(index, dtype=torch.int64),
+            "source_index": torch.tensor(source, dtype=torch.int64),
+            "skipped": torch.from_numpy(skipped),
+            "frame_indices": torch.from_numpy(np.repeat(indices[None], self.num_sample, axis=0)),
+            "crop_box": torch.from_numpy(boxes),
+            "flipped": torch.from_numpy(flipped),
+        }
