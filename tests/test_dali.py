@@ -93,7 +93,22 @@ def video_folder(tmp_path_factory) -> dict[str, Path]:
     paths["truncated"] = folder / "truncated.webm"
     paths["truncated"].write_bytes(data[: len(data) * 2 // 5])
     paths["missing"] = folder / "missing.webm"
+    paths["late_corrupt"] = corrupt_after_first_frames(paths["wide_b"], folder / "late_corrupt.webm", keep=2)
     return paths
+
+
+def corrupt_after_first_frames(source: Path, target: Path, keep: int) -> Path:
+    """Copy `source` with the VP9 frame headers of every packet after the first `keep` zeroed: the container stays
+    valid and the first frames decode (so the probe passes), but decoding any later frame fails."""
+    data = bytearray(source.read_bytes())
+    with av.open(str(source)) as container:
+        payloads = [bytes(packet) for packet in container.demux(video=0) if packet.size]
+    for payload in payloads[keep:]:
+        offset = data.find(payload[:32])
+        assert offset >= 0
+        data[offset:offset + 8] = bytes(8)
+    target.write_bytes(bytes(data))
+    return target
 
 
 def iterate_epoch(loader, epoch: int) -> list[dict[str, torch.Tensor]]:
@@ -269,6 +284,28 @@ def test_file_vanishing_after_the_probe_is_substituted(video_folder, tmp_path):
     assert batch["skipped"][1, 0] == 1 and (batch["skipped"][1, 1:] == -1).all()
     assert batch["source_index"][1] in (0, 2) and batch["label"][1] == batch["source_index"][1]
     assert (batch["skipped"][[0, 2]] == -1).all()
+
+
+def test_video_failing_inside_dali_is_substituted_and_the_batch_replayed(video_folder, caplog):
+    """A stream that breaks after its first frames passes the probe; DALI fails on it, the loader finds it with a
+    full PyAV decode, rebuilds the pipeline, replays the batch with a substitute, and keeps substituting it."""
+    names = ["wide_a", "late_corrupt", "wide_b"]
+    records = [VideoRecord(path=video_folder[name], label=i) for i, name in enumerate(names)]
+    assert probe_video(video_folder["late_corrupt"]).num_frames == 20
+    loader = build_dali_loader(records, batch_size=3, num_frames=4, sampling_rate=2, input_size=32, device="cpu",
+                               num_threads=1, shuffle=False)
+    assert loader.num_dropped == 0
+    with caplog.at_level(logging.WARNING, logger="trackmae_stream.data.dali"):
+        for epoch in (0, 1):
+            (batch,) = iterate_epoch(loader, epoch)
+            assert batch["index"].tolist() == [0, 1, 2]
+            assert batch["skipped"][1, 0] == 1 and (batch["skipped"][[0, 2]] == -1).all()
+            assert int(batch["source_index"][1]) in (0, 2)
+            assert batch["label"][1] == batch["source_index"][1]
+            assert batch["frames"].shape == (3, 4, 32, 32, 3)
+    assert [Path(e.path).name for e in loader.runtime_failures] == ["late_corrupt.webm"]
+    assert "undecodable" in loader.runtime_failures[0].reason
+    assert sum("late_corrupt.webm" in message for message in caplog.messages) == 1
 
 
 @pytest.mark.parametrize("kwargs, error", [

@@ -16,8 +16,10 @@ frame size); failing entries are dropped with one counted warning (`DaliClipLoad
 building fails with `TooManySkippedVideosError` when they exceed `max_skip_fraction`. Probes can be cached in a JSON
 file keyed by path, size and modification time (`probe_cache`), which makes restarts on large lists cheap. A file that
 vanishes after probing is replaced at run time by another usable record, reported in `skipped` like the CPU loader
-does. A bitstream error deeper than the first frame is not caught by the probe: DALI then raises, and the loader
-re-raises naming the videos of the failing batch.
+does. A bitstream error deeper than the first frame passes the probe and makes DALI raise: the loader then decodes
+that batch's videos fully with PyAV, marks the failing ones bad (`runtime_failures`; from then on they are substituted
+and reported in `skipped`), rebuilds the pipeline and replays the batch, so every rank still yields the same number
+of batches. If PyAV decodes them all, the error is re-raised naming the batch's videos.
 
 Batches: the CPU loader's dict (see `collate_clips`): `frames` uint8 (B * num_sample, T, S, S, 3) RGB on the GPU for
 device="gpu" (on the CPU for device="cpu"); `label` int64 (B * num_sample,); `index`, `source_index` int64 (B,);
@@ -129,6 +131,17 @@ def probe_video(path: str | Path, codecs: Sequence[str] = DALI_GPU_CODECS) -> Vi
     return VideoProbe(num_frames=count, width=int(first.width), height=int(first.height), codec=codec)
 
 
+def decoding_error(path: str | Path) -> str | None:
+    """Decode every frame with PyAV (slow, for diagnosis): None when the stream decodes, else the error."""
+    try:
+        with av.open(str(path)) as container:
+            for _ in container.decode(video=0):
+                pass
+    except Exception as error:
+        return f"undecodable stream ({type(error).__name__}: {error})"
+    return None
+
+
 def _file_key(path: Path) -> list[int] | None:
     try:
         stat = path.stat()
@@ -229,7 +242,8 @@ class _ClipSource:
         self.config = config
         self.batch_size = batch_size
         self.drop_last = drop_last
-        self.plans: collections.deque[dict[str, np.ndarray]] = collections.deque()
+        self.plans: collections.deque[dict[str, Any]] = collections.deque()
+        self.bad: dict[int, str] = {}  # record index -> reason, found unusable at run time
         self.epoch = 0
         self.positions: list[int] = []
         self.next_batch = 0
@@ -248,21 +262,34 @@ class _ClipSource:
         """End the epoch early: the next call raises StopIteration."""
         self.num_batches = self.next_batch
 
+    def rewind(self, batch_number: int) -> None:
+        """Serve batch `batch_number` of the epoch again next (after a pipeline failure); forget queued plans."""
+        self.next_batch = batch_number
+        self.plans.clear()
+
     def _read(self, index: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """(record used, its bytes, skipped record indices): a file that vanished since probing is substituted."""
+        """(record used, its bytes, skipped record indices).
+
+        A record found bad at run time, or whose file vanished since probing, is replaced by another usable record
+        drawn from a keyed generator, as the CPU data set does.
+        """
         skipped = np.full(SKIPPED_WIDTH, -1, dtype=np.int64)
         source = index
         for attempt in range(SKIPPED_WIDTH + 1):
-            try:
-                return source, np.fromfile(self.records[source].path, dtype=np.uint8), skipped
-            except OSError as error:
-                logger.warning("skipping video %s: unreadable since probing (%s)", self.records[source].path, error)
-                if attempt == SKIPPED_WIDTH:
-                    raise RuntimeError(f"sample {index}: {SKIPPED_WIDTH + 1} videos in a row could not be read "
-                                       f"(last: {self.records[source].path}); check the data root") from error
-                skipped[attempt] = source
-                rng = np.random.default_rng([self.config.seed, self.epoch, index, attempt, _SUBSTITUTE])
-                source = self.usable[int(rng.integers(len(self.usable)))]
+            reason = self.bad.get(source)
+            if reason is None:
+                try:
+                    return source, np.fromfile(self.records[source].path, dtype=np.uint8), skipped
+                except OSError as error:
+                    reason = f"unreadable since probing ({error})"
+                    self.bad[source] = reason
+                    logger.warning("skipping video %s: %s", self.records[source].path, reason)
+            if attempt == SKIPPED_WIDTH:
+                raise RuntimeError(f"sample {index}: {SKIPPED_WIDTH + 1} videos in a row are unusable (last: "
+                                   f"{self.records[source].path}: {reason}); check the list and the data root")
+            skipped[attempt] = source
+            rng = np.random.default_rng([self.config.seed, self.epoch, index, attempt, _SUBSTITUTE])
+            source = self.usable[int(rng.integers(len(self.usable)))]
         raise AssertionError("unreachable")
 
     def plan_sample(self, index: int, source: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]],
@@ -314,9 +341,11 @@ class _ClipSource:
             plan["crop_box"].append(boxes)
             plan["flipped"].append(flips)
             plan["path"].append(str(self.records[source].path))
-        self.plans.append({key: (np.asarray(value) if key in ("index", "source_index", "path")
-                                 else np.stack(value) if key == "skipped" else np.concatenate(value))
-                           for key, value in plan.items()})
+        arrays: dict[str, Any] = {key: (np.asarray(value) if key in ("index", "source_index", "path")
+                                        else np.stack(value) if key == "skipped" else np.concatenate(value))
+                                  for key, value in plan.items()}
+        arrays["batch"] = self.next_batch - 1
+        self.plans.append(arrays)
         return [encoded, frames, *roi_starts, *roi_ends]
 
 
@@ -365,19 +394,24 @@ class DaliClipLoader:
         self.sampler = ResumableDistributedSampler(len(self.usable), rank=shard_id, world_size=num_shards,
                                                    seed=config.seed, shuffle=shuffle, drop_last=drop_last)
         self.drop_last = drop_last
+        self.runtime_failures: list[VideoDecodeError] = []  # videos DALI failed on after passing the probe
         usable_probes = [probe if isinstance(probe, VideoProbe) else None for probe in probes]
         self._source = _ClipSource(self.records, usable_probes, self.usable, config, batch_size, drop_last)
-        pipeline = _build_pipeline(
-            self._source, batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch=prefetch,
-            seed=config.seed, decoder_device="mixed" if device == "gpu" else "cpu", input_size=config.input_size,
+        self._pipeline_options = dict(
+            batch_size=batch_size, num_threads=num_threads, device_id=device_id, prefetch=prefetch, seed=config.seed,
+            decoder_device="mixed" if device == "gpu" else "cpu", input_size=config.input_size,
             num_sample=config.num_sample, decoder_options=decoder_options)
         self._outputs = [f"frames_{repeat}" for repeat in range(config.num_sample)]
+        self._start_pipeline()
+        self._exhausted = True  # no epoch in progress
+        self._generation = 0
+
+    def _start_pipeline(self) -> None:
+        pipeline = _build_pipeline(self._source, **self._pipeline_options)
         # Nothing runs before the first batch is asked for (prepare_first_batch=False), and epochs are restarted
         # by `__iter__` (auto_reset=False), after the source knows which epoch to serve.
         self._iterator = DALIGenericIterator(pipeline, self._outputs, auto_reset=False, prepare_first_batch=False)
-        self._ran = False  # the DALI iterator has been started at least once
-        self._exhausted = True  # no epoch in progress
-        self._generation = 0
+        self._ran = False  # this DALI iterator has not been started yet
 
     # -- epoch control (PretrainLoader's interface)
     def set_epoch(self, epoch: int) -> None:
@@ -420,6 +454,9 @@ class DaliClipLoader:
                 next(self._iterator)
             except StopIteration:
                 break
+            except RuntimeError:  # a failure in batches nobody will read: start afresh
+                self._start_pipeline()
+                break
         self._exhausted = True
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -444,11 +481,34 @@ class DaliClipLoader:
                 self._exhausted = True
                 return
             except RuntimeError as error:
-                paths = list(self._source.plans[0]["path"]) if self._source.plans else []
-                raise RuntimeError(f"DALI failed to decode a batch; one of these videos is probably corrupt beyond "
-                                   f"its first frame (remove it from the list): {', '.join(paths)}") from error
+                self._recover(error)
+                continue
             plan = self._source.plans.popleft()
             yield self._collate(outputs, plan)
+
+    def _recover(self, error: RuntimeError) -> None:
+        """A DALI pipeline is dead after an error: find the batch's undecodable videos by decoding them fully with
+        PyAV, mark them bad (later draws substitute them and report them in `skipped`), rebuild the pipeline and
+        replay that batch. Every rank keeps its batch count, which distributed training relies on."""
+        if not self._source.plans:
+            raise error
+        failed = self._source.plans[0]
+        bad = {}
+        for index in sorted(set(failed["source_index"].tolist())):
+            reason = decoding_error(self.records[index].path)
+            if reason is not None:
+                bad[index] = reason
+        if not bad:
+            raise RuntimeError(f"DALI failed on a batch whose videos all decode with PyAV ({', '.join(failed['path'])})"
+                               f"; remove them from the list") from error
+        for index, reason in bad.items():
+            self._source.bad[index] = reason
+            self.runtime_failures.append(VideoDecodeError(self.records[index].path, reason))
+            logger.warning("DALI failed on %s (%s): it passed the probe; substituting it from now on",
+                           self.records[index].path, reason)
+        self._source.rewind(int(failed["batch"]))
+        self._start_pipeline()
+        self._ran = True
 
     def _collate(self, outputs: dict[str, torch.Tensor], plan: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         clips = [outputs[name] for name in self._outputs]
