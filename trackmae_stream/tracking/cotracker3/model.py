@@ -65,6 +65,7 @@ class CoTrackerThreeBase(nn.Module):
         self.num_virtual_tracks = num_virtual_tracks
         self.model_resolution = tuple(model_resolution)
         self.add_space_attn = add_space_attn
+        self.linear_layer_for_vis_conf = linear_layer_for_vis_conf
         self.fnet = BasicEncoder(input_dim=3, output_dim=LATENT_DIM, stride=stride)
         self.updateformer = EfficientUpdateFormer(
             space_depth=3, time_depth=3, input_dim=INPUT_DIM, hidden_size=384, num_heads=8, output_dim=4,
