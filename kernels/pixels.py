@@ -186,9 +186,11 @@ if HAS_TRITON:
         TUBELET: tl.constexpr, PATCH: tl.constexpr, U8_INPUT: tl.constexpr, RAW_OUTPUT: tl.constexpr,
         CHANNEL_LAST_OUT: tl.constexpr, PATCH_NORM: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr,
     ):
-        """One program per (clip, output token): gather one tubelet, convert, optionally standardise, store."""
-        clip = tl.program_id(0).to(tl.int64)
-        row = tl.program_id(1).to(tl.int64)
+        """One program per (clip, output token): gather one tubelet, convert, optionally standardise, store.
+        A 1-d grid (clip-major) because the second grid axis is limited to 65535 programs."""
+        program = tl.program_id(0).to(tl.int64)
+        clip = program // num_idx
+        row = program % num_idx
         points: tl.constexpr = TUBELET * PATCH * PATCH
         element = tl.arange(0, BLOCK)
         valid = element < 3 * points
@@ -260,7 +262,7 @@ def _launch_patch_kernel(what: str, video: Tensor, idx: Tensor | None, geo: Pixe
         stride_b, stride_t, stride_h, stride_w, stride_c = video.stride()
     _, grid_h, grid_w = geo.grid
     block = next_power_of_2(3 * geo.points)
-    _patch_kernel[(geo.batch, num_idx)](
+    _patch_kernel[(geo.batch * num_idx,)](
         video, idx.contiguous() if idx is not None else out, out, num_idx, geo.num_tokens, grid_h, grid_w,
         stride_b, stride_c, stride_t, stride_h, stride_w,
         *(float(m) for m in mean), *(float(s) for s in std), float(eps),

@@ -194,3 +194,33 @@ def test_counter_uniform_cuda_matches_cpu():
     got = rng.counter_uniform_triton(key, clip.expand(shape).cuda(), torch.zeros(shape, dtype=torch.int64).cuda(),
                                      position.expand(shape).cuda())
     assert torch.equal(got.cpu(), cpu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_no_host_sync_on_cuda(backend):
+    """One training step's targets and masks, with torch's sync debug mode turning any host sync into an error."""
+    gen = torch.Generator().manual_seed(1)
+    tracks = (torch.rand(4, 1, 196, 2, generator=gen) * 224 + torch.randn(4, 8, 196, 2, generator=gen)).cuda()
+    frames = torch.randint(0, 256, (4, 16, 224, 224, 3), generator=gen, dtype=torch.uint8).cuda()
+
+    def step(step_index: int):
+        targets, token_stat = kernels.motion_targets(tracks, tokens_side=14, backend=backend)
+        mask = kernels.motion_aware_mask(token_stat, num_frames=8, mask_ratio=0.9, rho=0.5, step=step_index,
+                                         backend=backend)
+        tube = kernels.tube_mask(4, tokens_per_frame=196, num_frames=8, mask_ratio=0.9, step=step_index,
+                                 device="cuda", backend=backend)
+        patches = kernels.gather_patches(frames, mask.visible_idx, layout="BTHWC", out_dtype=torch.bfloat16,
+                                         backend=backend)
+        pixel = kernels.pixel_targets(frames, tube.masked_idx, layout="BTHWC", backend=backend)
+        motion = kernels.gather_tokens(targets, mask.masked_idx, backend=backend)
+        return patches, pixel, motion
+
+    step(0)  # first call: cached per-device constants, Triton compilation
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(1)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
