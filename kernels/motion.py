@@ -225,17 +225,18 @@ if HAS_TRITON:
             n_points: tl.constexpr = POINTS_SIDE * POINTS_SIDE
             is_x = ok & (c == 0)
             is_y = ok & (c == 1)
-            mean_x = tl.sum(tl.where(is_x, disp, 0.0), axis=1) / n_points
-            mean_y = tl.sum(tl.where(is_y, disp, 0.0), axis=1) / n_points
+            # IEEE divisions (div_rn): Triton's plain '/' is the 2-ulp approximate division on NVIDIA GPUs
+            mean_x = tl.div_rn(tl.sum(tl.where(is_x, disp, 0.0), axis=1), n_points * 1.0)
+            mean_y = tl.div_rn(tl.sum(tl.where(is_y, disp, 0.0), axis=1), n_points * 1.0)
             centred = disp - tl.where(c == 0, mean_x[:, None], mean_y[:, None])
             sq = centred * centred
-            var_x = tl.sum(tl.where(is_x, sq, 0.0), axis=1) / (n_points - 1)
-            var_y = tl.sum(tl.where(is_y, sq, 0.0), axis=1) / (n_points - 1)
+            var_x = tl.div_rn(tl.sum(tl.where(is_x, sq, 0.0), axis=1), n_points - 1.0)
+            var_y = tl.div_rn(tl.sum(tl.where(is_y, sq, 0.0), axis=1), n_points - 1.0)
             var = tl.where(c == 0, var_x[:, None], var_y[:, None])
             if NORM == 1:
-                out = centred / (tl.sqrt_rn(var) + eps)
+                out = tl.div_rn(centred, tl.sqrt_rn(var) + eps)
             else:
-                out = centred / tl.sqrt_rn(var + safe_eps_sq)
+                out = tl.div_rn(centred, tl.sqrt_rn(var + safe_eps_sq))
 
         out_row = (clip.to(tl.int64) * frames + t) * num_tokens + token
         tl.store(targets_ptr + out_row[:, None] * num_values + value[None, :],
@@ -257,8 +258,8 @@ if HAS_TRITON:
                 length_sum += tl.sqrt_rn(dx * dx + dy * dy)
                 prev_x = cur_x
                 prev_y = cur_y
-            per_point = length_sum / (frames - 1)
-            stat = tl.sum(tl.where(pool_ok, per_point, 0.0), axis=1) / (POOL_SIDE * POOL_SIDE)
+            per_point = tl.div_rn(length_sum, (frames - 1).to(tl.float32))
+            stat = tl.div_rn(tl.sum(tl.where(pool_ok, per_point, 0.0), axis=1), POOL_SIDE * POOL_SIDE * 1.0)
             tl.store(stat_ptr + clip.to(tl.int64) * num_tokens + token, stat, mask=token_ok)
 
 

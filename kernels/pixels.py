@@ -234,15 +234,16 @@ if HAS_TRITON:
             c0 = valid & (channel == 0)
             c1 = valid & (channel == 1)
             c2 = valid & (channel == 2)
-            centre = _per_channel(channel, tl.sum(tl.where(c0, value, 0.0), axis=0),
-                                  tl.sum(tl.where(c1, value, 0.0), axis=0),
-                                  tl.sum(tl.where(c2, value, 0.0), axis=0)) / points
+            # IEEE divisions (div_rn): Triton's plain '/' is the 2-ulp approximate division on NVIDIA GPUs
+            centre = tl.div_rn(_per_channel(channel, tl.sum(tl.where(c0, value, 0.0), axis=0),
+                                            tl.sum(tl.where(c1, value, 0.0), axis=0),
+                                            tl.sum(tl.where(c2, value, 0.0), axis=0)), points * 1.0)
             centred = value - centre
             sq = centred * centred
-            var = _per_channel(channel, tl.sum(tl.where(c0, sq, 0.0), axis=0),
-                               tl.sum(tl.where(c1, sq, 0.0), axis=0),
-                               tl.sum(tl.where(c2, sq, 0.0), axis=0)) / (points - 1)
-            value = centred / (tl.sqrt_rn(var) + eps)
+            var = tl.div_rn(_per_channel(channel, tl.sum(tl.where(c0, sq, 0.0), axis=0),
+                                         tl.sum(tl.where(c1, sq, 0.0), axis=0),
+                                         tl.sum(tl.where(c2, sq, 0.0), axis=0)), points - 1.0)
+            value = tl.div_rn(centred, tl.sqrt_rn(var) + eps)
 
         tl.store(out_ptr + (clip * num_idx + row) * (3 * points) + element,
                  value.to(out_ptr.dtype.element_ty), mask=valid)
