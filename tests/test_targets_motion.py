@@ -152,8 +152,9 @@ def random_tracks(batch: int, frames: int, grid: int, seed: int) -> torch.Tensor
     return (base + walk + torch.rand(batch, 1, grid * grid, 2, generator=gen) * 3).float()
 
 
-# (batch, frames, G, upsample, tokens_side): odd sizes, s = G*u/h from 1 to 4, pooled statistics on 2 of them
-SHAPES = [(2, 3, 5, 3, 5), (3, 4, 6, 2, 3), (2, 5, 6, 1, 3), (2, 3, 3, 1, 3)]
+# (batch, frames, G, upsample, tokens_side): odd sizes, T = 2 (one real step), s = G*u/h from 1 to 4, pooled
+# statistics (G > h) on three of them
+SHAPES = [(2, 3, 5, 3, 5), (3, 4, 6, 2, 3), (2, 5, 6, 1, 3), (2, 3, 3, 1, 3), (1, 2, 4, 2, 2)]
 OPTIONS = [("frame", "patch"), ("first", "patch_safe"), ("first", "none"), ("frame", "none")]
 CASES = [(shape, option) for shape in SHAPES for option in OPTIONS
          if not (shape[2] * shape[3] // shape[4] == 1 and option[1] != "none")]
