@@ -6,6 +6,8 @@
 
 Per kernel and variant: median time, achieved GB/s (bytes each kernel must read and write, once) and its share of the
 device's measured copy bandwidth (a large device-to-device copy), and the speed-up of Triton over each torch variant.
+The masks and the motion targets move kilobytes to a couple of megabytes per batch, so their time is launch latency
+and their GB/s says little; the bandwidth goal concerns the pixel kernels and the token gather.
 Prints a table and writes JSON (GPU: bench/results/kernels_<gpu>.json; CPU: runs/bench/kernels_cpu.json).
 On CPU the Triton variant runs only under TRITON_INTERPRET=1 and then measures the interpreter, not a kernel.
 """
