@@ -196,6 +196,8 @@ class Trainer:
         self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(
             state["batch_in_epoch"])
         self.loss_history = list(state.get("loss_history", []))
+        if "skips" in state and self.dist.world_size == 1:
+            self.data.skips.load_state_dict(state["skips"])
         rng = state["rng"]
         per_rank = rng.get("per_rank")
         if per_rank is not None:
@@ -222,6 +224,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "rng": {"per_rank": gathered},
             "loss_history": self.loss_history,
+            "skips": self.data.skips.state_dict(),
             "format": "trackmae_stream",
             "version": __version__,
         }
@@ -299,7 +302,7 @@ class Trainer:
                     t_step = time.perf_counter()
                     for micro in range(accum):
                         batch = next(batches)
-                        self.data.skips.update(batch.skipped)
+                        self.data.skips.update(batch.skipped, batch.source_index)
                         sync_ctx = (self.model.no_sync() if micro < accum - 1 and hasattr(self.model, "no_sync")
                                     else contextlib.nullcontext())
                         t_fwd = time.perf_counter()
@@ -358,7 +361,7 @@ class Trainer:
         bad = int(first_bad_step.item())
         if bad >= 0:
             raise NonFiniteLossError(
-                f"non-finite loss at step {bad}: stopping without writing a checkpoint (the last good one is "
+                f"non-finite loss at step {bad + 1}: stopping without writing a checkpoint (the last good one is "
                 f"{self.last_checkpoint or 'none'}); lower optim.lr or enable optim.clip_grad")
 
     def _log_interval(self, timer: IntervalTimer, loss_sum: Tensor, loss_keys: list[str], steps: int,

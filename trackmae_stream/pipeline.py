@@ -31,6 +31,7 @@ class TrainBatch:
     spatial_target: Tensor | None  # (B, M, spatial_dim)
     motion_target: Tensor | None  # (B, M, motion_dim)
     skipped: Tensor | None  # (B, k) host tensor: record indices of videos that failed to decode (-1 padding)
+    source_index: Tensor | None  # (B,) host tensor: the records actually decoded
     step: int  # micro-batch index the masks were drawn for
 
     @property
@@ -85,7 +86,7 @@ class BatchPreparer:
         motion_target = kernels.gather_tokens(motion_all, mask.masked_idx) if self.cfg.target.motion else None
         return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=mask.masked_idx,
                           spatial_target=self.targets.spatial(frames, mask.masked_idx), motion_target=motion_target,
-                          skipped=batch.get("skipped"), step=step)
+                          skipped=batch.get("skipped"), source_index=batch.get("source_index"), step=step)
 
 
 class StreamingPrefetcher:

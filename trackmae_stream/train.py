@@ -40,9 +40,17 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False))
         return 0
-    from .engine import train
+    from .checkpoint import CheckpointError
+    from .data import TooManySkippedVideosError, VideoListError
+    from .engine import NonFiniteLossError, train
+    from .model.adapters import StateDictError
 
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except (VideoListError, TooManySkippedVideosError, CheckpointError, StateDictError, NonFiniteLossError) as exc:
+        # Expected failures with a message that names the file, key or step: no traceback needed.
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(f"done: step {summary.step}, run folder {summary.run_dir}, checkpoint {summary.last_checkpoint}")
     return 0
 

@@ -1,0 +1,154 @@
+"""The trainer end to end on a tiny synthetic set: loss falls, checkpoints, bit-exact resume, two ranks under torchrun,
+bad videos skipped and counted, a NaN stops the run naming the step, bad input fails before training."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trackmae_stream import engine as engine_module
+from trackmae_stream.checkpoint import load_checkpoint
+from trackmae_stream.config import load_config
+from trackmae_stream.data import TooManySkippedVideosError, ensure_synthetic_dataset
+from trackmae_stream.engine import NonFiniteLossError, train
+from trackmae_stream.train import main
+
+SYN = dict(num_videos=16, size=64, num_frames=20)
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "set", **SYN)
+
+
+def tiny(synthetic, tmp_path, **extra) -> list[str]:
+    """Overrides for a model and clip small enough that a step takes a fraction of a second on 2 cores."""
+    overrides = {
+        "data.synthetic_dir": str(synthetic.root), "data.synthetic_videos": SYN["num_videos"],
+        "data.synthetic_size": SYN["size"], "data.synthetic_frames": SYN["num_frames"], "data.num_frames": 8,
+        "data.sampling_rate": 2, "data.input_size": 64, "data.num_workers": 0, "model.embed_dim": 48,
+        "model.num_heads": 3, "model.depth": 2, "model.decoder_dim": 32, "model.decoder_heads": 2,
+        "model.decoder_depth": 1, "batch_size": 4, "log_every": 2, "ckpt_every": 2, "keep_checkpoints": 10,
+        "progress": False, "output_dir": str(tmp_path / "runs"), "optim.lr": 3e-3, "optim.warmup_steps": 1,
+    }
+    overrides.update(extra)
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def read_log(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def test_default_trains_loss_falls_and_leaves_checkpoint(synthetic, tmp_path):
+    cfg = load_config("default", tiny(synthetic, tmp_path, **{"optim.max_steps": 24, "log_every": 4,
+                                                               "ckpt_every": 100, "run_name": "falls"}))
+    summary = train(cfg)
+    records = read_log(summary.run_dir)
+    start = records[0]
+    assert start["event"] == "start" and start["tracker"] == "lucas-kanade" and start["world_size"] == 1
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert all(r["clips_per_s"] > 0 and 0 <= r["data_wait"] <= 1 for r in records if "loss" in r)
+    assert summary.last_checkpoint is not None and summary.last_checkpoint.name == "checkpoint-00000024.pt"
+    state = load_checkpoint(summary.last_checkpoint)
+    assert state["step"] == 24 and "rng" in state and "optimizer" in state
+    assert (summary.run_dir / "config.yaml").is_file()
+    assert any((summary.run_dir / "tensorboard").iterdir())
+
+
+def _params(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def test_resume_mid_epoch_is_bit_exact(synthetic, tmp_path):
+    """Checkpoints every 2 steps (3 batches per epoch): resuming from step 2 (mid-epoch) reaches the same step-6
+    parameters and optimizer state as the uninterrupted run."""
+    args = tiny(synthetic, tmp_path, **{"optim.max_steps": 6, "run_name": "straight"})
+    straight = train(load_config("default", args))
+    ckpts = straight.run_dir / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == [f"checkpoint-{s:08d}.pt" for s in (2, 4, 6)]
+    resumed_dir = straight.run_dir.parent / "resumed"
+    shutil.copytree(straight.run_dir, resumed_dir)
+    for step in (4, 6):
+        (resumed_dir / "checkpoints" / f"checkpoint-{step:08d}.pt").unlink()
+    args = tiny(synthetic, tmp_path, **{"optim.max_steps": 6, "run_name": "resumed", "resume": "auto"})
+    resumed = train(load_config("default", args))
+    assert resumed.step == 6
+    assert any(r.get("event") == "resume" and r["step"] == 2 for r in read_log(resumed_dir))
+    a, b = load_checkpoint(ckpts / "checkpoint-00000006.pt"), load_checkpoint(resumed.last_checkpoint)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert a["loss_history"] == b["loss_history"]
+
+
+def test_torchrun_two_ranks_on_cpu(synthetic, tmp_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    args = tiny(synthetic, tmp_path, **{"optim.max_steps": 2, "run_name": "ddp"})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trackmae_stream.train", *args],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "ddp"
+    records = read_log(run_dir)
+    assert records[0]["world_size"] == 2 and records[0]["global_batch"] == 8
+    state = load_checkpoint(run_dir / "checkpoints" / "checkpoint-00000002.pt")
+    assert len(state["rng"]["per_rank"]) == 2
+
+
+def test_corrupt_and_missing_videos_are_skipped_and_counted(synthetic, tmp_path):
+    bad = tmp_path / "corrupt.webm"
+    bad.write_bytes(os.urandom(3000))
+    lines = synthetic.list_file.read_text().splitlines() + [f"{bad} 0", f"{tmp_path / 'missing.webm'} 1"]
+    lines += synthetic.val_list_file.read_text().splitlines()[: -len(lines) % 4]  # whole batches of 4
+    list_file = tmp_path / "with_bad.txt"
+    list_file.write_text("\n".join(lines) + "\n")
+    steps = len(lines) // 4  # one epoch: every line is visited once
+    common = {"data.source": "list", "data.list_file": str(list_file), "data.root": str(synthetic.root),
+              "optim.max_steps": steps, "ckpt_every": 100}
+    summary = train(load_config("default", tiny(synthetic, tmp_path, **common, run_name="skips",
+                                                **{"data.max_skip_fraction": 0.25})))
+    assert summary.step == steps and summary.skipped_videos == 2
+    assert read_log(summary.run_dir)[-2]["skipped_videos"] == 2
+    with pytest.raises(TooManySkippedVideosError, match="max_skip_fraction"):
+        train(load_config("default", tiny(synthetic, tmp_path, **common, run_name="bound",
+                                          **{"data.max_skip_fraction": 0.05})))
+
+
+def test_nonfinite_loss_stops_naming_the_step(synthetic, tmp_path, monkeypatch):
+    real = engine_module.compute_losses
+    calls = {"n": 0}
+
+    def poisoned(pred, batch, lam):
+        calls["n"] += 1
+        losses = real(pred, batch, lam)
+        if calls["n"] == 3:  # the third optimizer step
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(engine_module, "compute_losses", poisoned)
+    args = tiny(synthetic, tmp_path, **{"optim.max_steps": 6, "ckpt_every": 1, "log_every": 10, "run_name": "nan"})
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
+        train(load_config("default", args))
+    names = sorted(p.name for p in (tmp_path / "runs" / "nan" / "checkpoints").iterdir())
+    assert names == ["checkpoint-00000001.pt", "checkpoint-00000002.pt"]
+
+
+def test_cli_reports_bad_input_before_training(synthetic, tmp_path, capsys):
+    list_file = tmp_path / "broken.txt"
+    list_file.write_text("videos/a.webm 0\nvideos/b.webm zero\n")
+    code = main(["data.source=list", f"data.list_file={list_file}", f"output_dir={tmp_path / 'runs'}"])
+    err = capsys.readouterr().err
+    assert code == 1 and f"{list_file}:2" in err
+    assert main(["mask.rho=2"]) == 2
+    assert "mask.rho=2" in capsys.readouterr().err
+    assert main(["--config", "vit_b_k400"]) == 2
+    assert "data.list_file" in capsys.readouterr().err

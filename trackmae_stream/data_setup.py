@@ -1,0 +1,111 @@
+"""Binds the data package to a run: which list (the embedded synthetic set or a VideoMAE list), which loader (CPU
+workers or DALI), and the skipped-video accounting the trainer logs and bounds."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .config import TrainConfig
+from .data import (SkipCounter, VideoClipDataset, build_pretrain_loader, ensure_synthetic_dataset, read_video_list)
+from .distributed import DistInfo, all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+
+class SkipReport:
+    """This rank's `SkipCounter` plus the videos a DALI probe dropped before training; reduced over ranks at log
+    intervals (the counts are per rank: each rank decodes its own shard)."""
+
+    def __init__(self, counter: SkipCounter, dropped_before_training: int, device: torch.device):
+        self.counter = counter
+        self.dropped = dropped_before_training  # the probe sees the whole list on every rank: counted once
+        self.device = device
+
+    def update(self, skipped: Tensor | None, source_index: Tensor | None) -> None:
+        if skipped is not None:  # host tensors from the loader: no device sync
+            self.counter.update(skipped, source_index)
+
+    def reduce(self, dist: DistInfo) -> dict[str, int]:
+        counts = torch.tensor([self.counter.num_skipped_videos, self.counter.num_skip_events], dtype=torch.long,
+                              device=self.device)
+        videos, events = all_reduce_sum(counts, dist).tolist()
+        return {"videos": videos + self.dropped, "events": events}
+
+    @property
+    def total_videos(self) -> int:
+        return self.counter.num_skipped_videos + self.dropped
+
+    def check(self) -> None:
+        self.counter.check()
+
+    def state_dict(self) -> dict:
+        return self.counter.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.counter.load_state_dict(state)
+
+
+@dataclass
+class DataSetup:
+    loader: Any  # PretrainLoader or DaliClipLoader: iterate one epoch; resume(epoch, batch) positions it
+    skips: SkipReport
+    description: str
+    num_videos: int
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.loader.batches_per_epoch
+
+    def set_position(self, epoch: int, batch_in_epoch: int) -> None:
+        self.loader.resume(epoch, batch_in_epoch)
+
+    def close(self) -> None:
+        shutdown = getattr(getattr(self.loader, "loader", None), "_iterator", None)
+        if shutdown is not None and hasattr(shutdown, "_shutdown_workers"):
+            shutdown._shutdown_workers()
+
+
+def build_data(cfg: TrainConfig, dist: DistInfo, device: torch.device) -> DataSetup:
+    d = cfg.data
+    if d.source == "synthetic":
+        root = Path(d.synthetic_dir).expanduser() if d.synthetic_dir else None
+        synthetic = ensure_synthetic_dataset(root, num_videos=d.synthetic_videos, size=d.synthetic_size,
+                                             num_frames=d.synthetic_frames)
+        list_file, list_root = synthetic.list_file, synthetic.root
+        description = f"synthetic set {synthetic.root} ({len(synthetic.class_names)} motion classes)"
+    else:
+        list_file, list_root = Path(d.list_file).expanduser(), (Path(d.root).expanduser() if d.root else None)
+        description = f"list {list_file}"
+    records = read_video_list(list_file, list_root)  # a malformed line fails here, naming file and line
+    dropped = 0
+    if d.loader == "dali":
+        from .data.dali import build_dali_loader
+
+        loader = build_dali_loader(records, batch_size=cfg.batch_size, num_frames=d.num_frames,
+                                   sampling_rate=d.sampling_rate, input_size=d.input_size, scales=d.scales,
+                                   flip=d.flip, num_sample=d.num_sample, seed=cfg.seed, shard_id=dist.rank,
+                                   num_shards=dist.world_size, device="gpu" if device.type == "cuda" else "cpu",
+                                   device_id=device.index if device.type == "cuda" else None,
+                                   num_threads=max(2, d.num_workers), max_skip_fraction=d.max_skip_fraction)
+        dropped = loader.num_dropped
+        log.info(loader.dropped_summary())
+        description += ", DALI " + ("GPU" if device.type == "cuda" else "CPU") + " decoding"
+    else:
+        dataset = VideoClipDataset(records, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
+                                   input_size=d.input_size, scales=d.scales, flip=d.flip, num_sample=d.num_sample,
+                                   decoder=d.decoder, seed=cfg.seed)
+        loader = build_pretrain_loader(dataset, batch_size=cfg.batch_size, num_workers=d.num_workers,
+                                       rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
+                                       pin_memory=device.type == "cuda")
+        description += f", {d.decoder} decoding in {d.num_workers} workers"
+    if loader.batches_per_epoch < 1:
+        raise ValueError(f"{list_file}: {len(records)} videos give no full batch of batch_size={cfg.batch_size} per "
+                         f"rank on {dist.world_size} rank(s); lower batch_size or add videos")
+    counter = SkipCounter(records, max_skip_fraction=d.max_skip_fraction, world_size=dist.world_size)
+    return DataSetup(loader=loader, skips=SkipReport(counter, dropped, device), description=description,
+                     num_videos=len(records))
