@@ -1,0 +1,174 @@
+"""Benchmark CoTracker3 as the trainer calls it: `CoTracker3Tracker.track_grid(frames, 14)` on 8-frame clips.
+
+Grid: native 224x224 vs official 384x512, fp32 vs bf16 autocast, eager / torch.compile / CUDA graphs, iterations
+(4, 6) and batch sizes (1, 8, 32; out-of-memory configurations are recorded as such). On CUDA it times with CUDA
+events after warm-up; on CPU it runs one small shape (and says so). Prints a table with the analytic GFLOP per clip
+(flops.py) and the achieved TFLOP/s, and writes JSON.
+
+    python bench/tracker.py                       # -> bench/results/tracker_<device>.json
+    python bench/tracker.py --batch-sizes 1 8 --modes eager graph --out /tmp/tracker.json
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from trackmae_stream.tracking.cotracker3 import CoTracker3Tracker
+from trackmae_stream.tracking.cotracker3.flops import cotracker3_gflop
+from trackmae_stream.tracking.cotracker3.predictor import resolve_resolution
+
+MODES = {"eager": {}, "compile": {"compile": True}, "graph": {"cuda_graph": True},
+         "compile+graph": {"compile": True, "cuda_graph": True}}
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+
+
+def device_slug(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(device).lower()
+    match = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", name)
+    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
+
+
+def time_call(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
+    """Milliseconds per call: CUDA events on GPU (after `warmup` calls), wall clock on CPU."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            started = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - started))
+    return times
+
+
+def run_config(resolution: str, dtype: str, mode: str, iters: int, batch: int, args, device: torch.device) -> dict:
+    row = {"resolution": resolution, "dtype": dtype, "mode": mode, "iters": iters, "batch": batch}
+    height, width = args.frame_size
+    model_h, model_w = resolve_resolution(resolution, height, width)
+    gflop = cotracker3_gflop(args.frames, args.grid ** 2, model_h, model_w, iters)
+    row.update(model_size=f"{model_h}x{model_w}", gflop_per_clip=round(gflop.total, 2),
+               gflop_breakdown={k: round(v, 2) for k, v in gflop.as_dict().items()})
+    if device.type != "cuda" and MODES[mode].get("cuda_graph"):
+        return {**row, "status": "skipped (CUDA graphs need CUDA)"}
+    tracker = CoTracker3Tracker(None, iters=iters, resolution=resolution, amp_dtype=DTYPES[dtype],
+                                **MODES[mode]).to(device).eval()
+    frames = torch.rand(batch, args.frames, 3, height, width, generator=torch.Generator().manual_seed(0)) * 255
+    frames = frames.to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        compile_started = time.perf_counter()
+        tracker.track_grid(frames, args.grid)  # compiles / captures outside the timed calls
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        first_call_s = time.perf_counter() - compile_started
+        times = time_call(lambda: tracker.track_grid(frames, args.grid), device, args.warmup, args.repeats)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {**row, "status": "out of memory"}
+    ms = statistics.median(times)
+    row.update(status="ok", first_call_s=round(first_call_s, 2), ms_per_batch=round(ms, 3),
+               ms_per_clip=round(ms / batch, 3), clips_per_s=round(1e3 * batch / ms, 1),
+               achieved_tflops=round(gflop.total * batch / ms, 2),  # GFLOP / ms == TFLOP / s
+               ms_min=round(min(times), 3), ms_max=round(max(times), 3))
+    if device.type == "cuda":
+        row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
+    del tracker, frames
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    header = (f"{'res':9s} {'dtype':5s} {'mode':14s} {'it':>2s} {'B':>3s} {'GFLOP/clip':>10s} {'ms/clip':>9s} "
+              f"{'clips/s':>8s} {'TFLOP/s':>8s} {'mem GiB':>8s}  status")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['model_size']:9s} {r['dtype']:5s} {r['mode']:14s} {r['iters']:2d} {r['batch']:3d} "
+              f"{r['gflop_per_clip']:10.1f} {r.get('ms_per_clip', float('nan')):9.2f} "
+              f"{r.get('clips_per_s', float('nan')):8.1f} {r.get('achieved_tflops', float('nan')):8.2f} "
+              f"{r.get('peak_mem_gib', float('nan')):8.2f}  {r['status']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolutions", nargs="+", default=["native", "official"], choices=["native", "official"])
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--modes", nargs="+", default=None, choices=list(MODES),
+                        help="default: eager compile graph on CUDA, eager on CPU")
+    parser.add_argument("--iters", nargs="+", type=int, default=[4, 6])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default 1 8 32 (CUDA), 1 (CPU)")
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--grid", type=int, default=None, help="grid side (default 14 on CUDA, 4 on CPU)")
+    parser.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                        help="input frames (default 224 224 on CUDA, 64 64 on CPU)")
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--out", help="JSON path (default bench/results/tracker_<device>.json)")
+    args = parser.parse_args(argv)
+
+    # The benchmark uses random weights on purpose (speed does not depend on them): skip the per-config warning.
+    logging.getLogger("trackmae_stream.tracking.cotracker3.checkpoint").setLevel(logging.ERROR)
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    small_cpu_shape = not on_cuda and args.frame_size is None
+    args.modes = args.modes or (["eager", "compile", "graph"] if on_cuda else ["eager"])
+    args.batch_sizes = args.batch_sizes or ([1, 8, 32] if on_cuda else [1])
+    args.grid = args.grid or (14 if on_cuda else 4)
+    args.frame_size = args.frame_size or ((224, 224) if on_cuda else (64, 64))
+    args.warmup = args.warmup if args.warmup is not None else (3 if on_cuda else 1)
+    args.repeats = args.repeats if args.repeats is not None else (10 if on_cuda else 2)
+    if on_cuda:
+        # Timings for fp32 mean fp32: no TF32 in the matrix products or convolutions.
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    if small_cpu_shape:
+        print(f"CPU run: small shape ({args.frames} frames {args.frame_size[0]}x{args.frame_size[1]}, "
+              f"{args.grid}x{args.grid} grid; 'official' resizes to 384x512) -- not the GPU configuration")
+
+    rows = []
+    for resolution, dtype, mode, iters, batch in itertools.product(args.resolutions, args.dtypes, args.modes,
+                                                                   args.iters, args.batch_sizes):
+        row = run_config(resolution, dtype, mode, iters, batch, args, device)
+        rows.append(row)
+        print(f"  {row['model_size']} {dtype} {mode} iters={iters} B={batch}: "
+              f"{row.get('ms_per_clip', float('nan')):.2f} ms/clip ({row['status']})", flush=True)
+    print()
+    print_table(rows)
+
+    result = {"device": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or "cpu",
+              "torch": torch.__version__, "python": sys.version.split()[0], "small_cpu_shape": small_cpu_shape,
+              "frames": args.frames, "frame_size": list(args.frame_size), "queries": args.grid ** 2,
+              "warmup": args.warmup, "repeats": args.repeats, "tf32": False, "results": rows}
+    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"tracker_{device_slug(device)}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
