@@ -16,7 +16,10 @@ from trackmae_stream import engine as engine_module
 from trackmae_stream.checkpoint import load_checkpoint
 from trackmae_stream.config import load_config
 from trackmae_stream.data import TooManySkippedVideosError, ensure_synthetic_dataset
-from trackmae_stream.engine import NonFiniteLossError, train
+from trackmae_stream.engine import NonFiniteLossError, build_model, train
+from trackmae_stream.export import main as export_main
+from trackmae_stream.model.adapters import load_model_state
+from trackmae_stream.targets import TargetBuilder
 from trackmae_stream.train import main
 
 SYN = dict(num_videos=16, size=64, num_frames=20)
@@ -61,6 +64,26 @@ def test_default_trains_loss_falls_and_leaves_checkpoint(synthetic, tmp_path):
     assert state["step"] == 24 and "rng" in state and "optimizer" in state
     assert (summary.run_dir / "config.yaml").is_file()
     assert any((summary.run_dir / "tensorboard").iterdir())
+    # the log says whether the model beat predicting zeros, per target
+    assert all(0 < r["rel_spatial"] and 0 < r["rel_motion"] for r in records if "loss" in r)
+
+    # export for VideoMAE's fine-tuning code and load it back: same encoder and pixel decoder outputs
+    out = tmp_path / "videomae.pth"
+    assert export_main([str(summary.last_checkpoint), "--format", "videomae", "--out", str(out)]) == 0
+    exported = torch.load(out, weights_only=True)["model"]
+    assert "encoder.blocks.0.attn.q_bias" in exported and not any(k.startswith("motion_") for k in exported)
+    model = build_model(cfg, TargetBuilder(cfg))
+    reference = build_model(cfg, TargetBuilder(cfg))
+    reference.load_state_dict(state["model"])
+    load_model_state(model, exported, allow_missing_prefixes=("motion_",))
+    gen = torch.Generator().manual_seed(0)
+    n = model.shape.num_tokens
+    vis = torch.randperm(n, generator=gen)[:8].sort().values[None]
+    msk = torch.tensor(sorted(set(range(n)) - set(vis[0].tolist())))[None]
+    patches = torch.randn(1, 8, model.shape.patch_dim, generator=gen)
+    with torch.no_grad():
+        torch.testing.assert_close(model(patches, vis, msk)["spatial"], reference(patches, vis, msk)["spatial"],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def _params(path: Path) -> dict[str, torch.Tensor]:

@@ -115,7 +115,8 @@ def _jsonable(value: Any) -> Any:
 
 def format_record(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']}", f"epoch {record['epoch']}"]
-    for key, fmt in (("loss", "{:.4f}"), ("loss_spatial", "{:.4f}"), ("loss_motion", "{:.4f}"), ("lr", "{:.2e}"),
+    for key, fmt in (("loss", "{:.4f}"), ("loss_spatial", "{:.4f}"), ("loss_motion", "{:.4f}"),
+                     ("rel_spatial", "{:.3f}"), ("rel_motion", "{:.3f}"), ("lr", "{:.2e}"),
                      ("clips_per_s", "{:.1f}"), ("data_wait", "{:.0%}"), ("mfu", "{:.1%}"), ("mem_gib", "{:.2f}")):
         if record.get(key) is not None:
             parts.append(f"{key} " + fmt.format(record[key]))
