@@ -77,26 +77,35 @@ def test_ground_truth_recomputed_on_the_lattice_equals_the_saved_arrays(syntheti
 
 def test_tracked_points_keep_their_colour_in_the_decoded_video(synthetic, decoded):
     """For visible points, the frame-0 colour under a query equals the frame-t colour at its ground-truth position
-    (up to VP9 loss and interpolation), and clearly better than 3 px away; occluded points do not match."""
+    (up to VP9 loss and interpolation), and clearly better than 3 px away; occluded points do not match. Background
+    and object points are scored apart (objects cover a small part of the frame but carry the class motion)."""
     rng = np.random.default_rng(0)
     size = SMALL_SET["size"]
-    errors_true, errors_shifted, errors_occluded = [], [], []
+    errors = {(surface, kind): [] for surface in ("background", "object") for kind in ("true", "shifted")}
+    errors_occluded = []
     for path, frames in zip(synthetic.videos, decoded):
-        queries = rng.uniform(2, size - 3, size=(60, 2))  # arbitrary points, not the stored lattice
+        queries = rng.uniform(2, size - 3, size=(100, 2))  # arbitrary points, not the stored lattice
         tracks, visible = ground_truth_tracks(path, queries)
+        camera = load_motion(path).camera(np.arange(len(frames)))
+        on_object = np.abs(tracks - (queries + camera[0] - camera[:, None])).max(axis=(0, 2)) > 0.5
         start = bilinear_sample(frames[0], queries)
         for t in range(1, len(frames)):
             inside = np.all((tracks[t] > 2) & (tracks[t] < size - 3), axis=-1)
-            here = bilinear_sample(frames[t], tracks[t])
-            shifted = bilinear_sample(frames[t], tracks[t] + np.array([3.0, -2.0]))
-            error = np.abs(here - start).mean(axis=1)
-            errors_true.append(error[visible[t] & inside])
-            errors_shifted.append(np.abs(shifted - start).mean(axis=1)[visible[t] & inside])
+            error = np.abs(bilinear_sample(frames[t], tracks[t]) - start).mean(axis=1)
+            shifted = np.abs(bilinear_sample(frames[t], tracks[t] + np.array([3.0, -2.0])) - start).mean(axis=1)
+            for surface, members in (("background", ~on_object), ("object", on_object)):
+                scored = visible[t] & inside & members
+                errors[surface, "true"].append(error[scored])
+                errors[surface, "shifted"].append(shifted[scored])
             errors_occluded.append(error[~visible[t] & inside])
-    true, shifted, occluded = (np.median(np.concatenate(e)) for e in (errors_true, errors_shifted, errors_occluded))
-    assert true < 6.0
-    assert shifted > 2.5 * true
-    assert occluded > 2.5 * true
+    median = {key: np.median(np.concatenate(value)) for key, value in errors.items()}
+    occluded = np.median(np.concatenate(errors_occluded))
+    assert sum(len(e) for e in errors["object", "true"]) > 1000
+    # Measured: background 4.2 (shifted 21), objects 7.1 (shifted 32), occluded 44. Wrong ground truth fails:
+    # object speed off by 20% gives 13.9 on objects, no rotation 24.6, camera speed off by 20% 6.8 on background.
+    assert median["background", "true"] < 6.0 and median["background", "shifted"] > 3 * median["background", "true"]
+    assert median["object", "true"] < 10.0 and median["object", "shifted"] > 3 * median["object", "true"]
+    assert occluded > 4 * median["background", "true"]
 
 
 def test_generation_is_deterministic_and_cached(tmp_path):

@@ -65,6 +65,9 @@ class VideoReader(abc.ABC):
         self.path = Path(path)
         self.seek_threshold = seek_threshold
         self.num_frames = 0
+        # The forward walk survives between reads: a later read continues it instead of seeking when it can.
+        self._frames: Iterator[tuple[int, Any]] | None = None
+        self._next: int | None = 0  # index the walk yields next; None after a seek (until a frame arrives)
 
     @abc.abstractmethod
     def _frames_from(self, start: int) -> Iterator[tuple[int, Any]]:
@@ -96,26 +99,29 @@ class VideoReader(abc.ABC):
         if indices.min() < 0:
             raise ValueError(f"negative frame index in {indices.tolist()}")
         decoded: dict[int, np.ndarray] = {}
-        stream: Iterator[tuple[int, Any]] | None = None
-        next_index = -1  # index of the frame the current iterator yields next (-1: unknown)
         try:
             for target in np.unique(indices).tolist():
-                if stream is None or target < next_index or target - next_index > self.seek_threshold:
-                    stream, next_index = self._frames_from(target), -1
-                for index, handle in stream:
-                    next_index = index + 1
+                seek = self._next is None or not 0 <= target - self._next <= self.seek_threshold
+                if seek or self._frames is None:
+                    self._frames = self._frames_from(target if seek else self._next)
+                    if seek:
+                        self._next = None  # a seek lands on the keyframe before target: position unknown
+                for index, handle in self._frames:
+                    self._next = index + 1
                     if index == target:
                         decoded[target] = self._to_rgb(handle)
                         break
                     if index > target:
                         raise self._fail(f"seek to frame {target} landed on frame {index}")
                 else:
-                    where = f"after frame {next_index - 1}" if next_index > 0 else "right after seeking"
+                    where = f"after frame {self._next - 1}" if self._next else "right after seeking"
+                    self._frames, self._next = None, None
                     raise ShortReadError(self.path, f"stream ended {where}, before frame {target} "
                                                     f"(header claims {self.num_frames} frames)")
         except VideoDecodeError:
             raise
         except Exception as error:  # any decoder/library error is a bad video, never a crash
+            self._frames, self._next = None, None
             raise self._fail("decoding failed", error) from error
         shapes = {frame.shape for frame in decoded.values()}
         if len(shapes) != 1:
@@ -130,6 +136,7 @@ class VideoReader(abc.ABC):
                 count += 1
         except Exception:  # a corrupt tail ends the count
             pass
+        self._frames, self._next = None, None
         return count
 
 

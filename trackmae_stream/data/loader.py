@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
-import cv2
 import torch
 from torch.utils.data import DataLoader, Sampler
 
@@ -40,8 +39,8 @@ class _EpochKeys(Sampler[tuple[int, int]]):
 
 
 def _init_worker(_: int) -> None:
-    # Workers run in parallel already: one thread each for OpenCV and torch avoids oversubscribing the cores.
-    cv2.setNumThreads(1)
+    # Workers run in parallel already: one torch thread each avoids oversubscribing the cores. (Not
+    # cv2.setNumThreads: in a forked child whose parent had used OpenCV's thread pool it deadlocks.)
     torch.set_num_threads(1)
 
 
@@ -73,6 +72,21 @@ class PretrainLoader:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the persistent workers now (otherwise they stop whenever the garbage collector finds the loader,
+        and a worker forked later may hold their pipes, which costs DataLoader's 5 s join timeout per worker)."""
+        iterator = getattr(self.loader, "_iterator", None)
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.loader._iterator = None
+
+    def __enter__(self) -> "PretrainLoader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return len(self.loader)

@@ -16,7 +16,7 @@ from torch import Tensor
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
-_MAX_RESIZE_CHANNELS = 510  # cv2.resize takes at most 512 channels: frames are resized 170 at a time
+_MAX_RESIZE_CHANNELS = 128  # OpenCV 5 converts arrays of at most 128 channels: 42 RGB frames per resize call
 
 
 @dataclass(frozen=True)
