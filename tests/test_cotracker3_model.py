@@ -153,3 +153,21 @@ def test_offline_batched_equals_per_sample(hash_model):
     assert torch.isfinite(batched[0]).all()
     # The samples differ, so equality is not trivially met by a broadcast.
     assert (batched[0][0] - batched[0][1]).abs().max() > 1.0
+
+
+def test_encoder_chunking_and_input_checks(hash_model):
+    video = torch.rand(2, 5, 3, 36, 44, generator=torch.Generator().manual_seed(7)) * 255
+    with torch.no_grad():
+        whole = hash_model.encode(video)
+        chunked = hash_model.encode(video, chunk_frames=2)  # chunks cross the batch boundary
+        per_frame = hash_model.fnet(2 * (video[1, 3:4] / 255.0) - 1)
+    assert whole.shape == (2, 5, 128, 9, 11)
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-6)
+    torch.testing.assert_close(whole.norm(dim=2), torch.ones(2, 5, 9, 11), rtol=0, atol=1e-5)
+    torch.testing.assert_close(whole[1, 3], (per_frame / per_frame.norm(dim=1, keepdim=True))[0], rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        hash_model.encode(video[..., :42])
+    with pytest.raises(ValueError, match="too small"):
+        hash_model.encode(video[..., :28, :])
+    with pytest.raises(ValueError, match=r"queries must be \(B, N, 3\)"):
+        hash_model(video, torch.zeros(2, 3, 2))

@@ -5,6 +5,7 @@ Command line: `python -m trackmae_stream.tracking.cotracker3 VIDEO --weights PAT
 """
 from .checkpoint import (OFFICIAL_CHECKPOINT_URLS, VARIANTS, CheckpointError, build_cotracker3, check_state_dict,
                          file_sha256, load_checkpoint, read_state_dict)
+from .flops import FlopBreakdown, cotracker3_gflop
 from .model import CoTrackerThreeBase, CoTrackerThreeOffline, CoTrackerThreeOnline
 from .predictor import CoTracker3Predictor, Prediction, resolve_resolution
 from .tracker import CoTracker3Tracker
@@ -17,4 +18,5 @@ __all__ = [
     "CoTracker3Predictor", "Prediction", "resolve_resolution",
     "CoTracker3Tracker",
     "draw_tracks", "save_visualization",
+    "FlopBreakdown", "cotracker3_gflop",
 ]

@@ -113,7 +113,10 @@ class CoTrackerThreeBase(nn.Module):
                              f"(needs at least {self.stride * 2 ** (self.corr_levels - 1)} px per side)")
         frames = (2 * (video / 255.0) - 1.0).reshape(batch * n_frames, channels, height, width)
         step = max(chunk_frames, 1) * batch
-        fmaps = torch.cat([self.fnet(frames[i:i + step]) for i in range(0, frames.shape[0], step)], dim=0)
+        if frames.shape[0] <= step:
+            fmaps = self.fnet(frames)
+        else:
+            fmaps = torch.cat([self.fnet(frames[i:i + step]) for i in range(0, frames.shape[0], step)], dim=0)
         fmaps = fmaps.float()
         # Per-pixel L2 normalisation over channels: correlations are then cosine similarities.
         fmaps = fmaps / torch.sqrt(torch.clamp_min(torch.sum(fmaps * fmaps, dim=1, keepdim=True), 1e-12))

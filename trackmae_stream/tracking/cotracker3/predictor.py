@@ -143,8 +143,7 @@ class CoTracker3Predictor(nn.Module):
         """
         if video.dim() != 5 or video.shape[2] != 3:
             raise ValueError(f"video must be (B, T, 3, H, W); got shape {tuple(video.shape)}")
-        if not video.is_floating_point():
-            video = video.float()
+        video = video.float()  # the network's input normalisation runs in float32 (autocast covers the layers)
         batch, n_frames, _, height, width = video.shape
         model_h, model_w = resolve_resolution(self.resolution, height, width, self.model.stride)
         to_model = ((model_w - 1) / (width - 1), (model_h - 1) / (height - 1))
