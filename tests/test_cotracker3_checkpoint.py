@@ -85,7 +85,8 @@ def test_not_a_state_dict(tmp_path):
 
 def test_official_names_resolve_to_release_urls():
     assert resolve_checkpoint_source("official", "offline") == OFFICIAL_CHECKPOINT_URLS["scaled_offline"]
-    assert resolve_checkpoint_source("official", "online").endswith("/facebook/cotracker3/resolve/main/scaled_online.pth")
+    online = resolve_checkpoint_source("official", "online")
+    assert online == "https://huggingface.co/facebook/cotracker3/resolve/main/scaled_online.pth"
     assert resolve_checkpoint_source("baseline_online") == OFFICIAL_CHECKPOINT_URLS["baseline_online"]
     assert resolve_checkpoint_source("/a/b.pth") == "/a/b.pth"
 

@@ -66,7 +66,8 @@ class BasicEncoder(nn.Module):
         self.layer1 = nn.Sequential(ResidualBlock(half, half, 1), ResidualBlock(half, half, 1))
         self.layer2 = nn.Sequential(ResidualBlock(half, three_quarters, 2),
                                     ResidualBlock(three_quarters, three_quarters, 1))
-        self.layer3 = nn.Sequential(ResidualBlock(three_quarters, output_dim, 2), ResidualBlock(output_dim, output_dim, 1))
+        self.layer3 = nn.Sequential(ResidualBlock(three_quarters, output_dim, 2),
+                                    ResidualBlock(output_dim, output_dim, 1))
         self.layer4 = nn.Sequential(ResidualBlock(output_dim, output_dim, 2), ResidualBlock(output_dim, output_dim, 1))
         fused = half + three_quarters + 2 * output_dim  # 64 + 96 + 128 + 128 = 416
         self.conv2 = nn.Conv2d(fused, output_dim * 2, kernel_size=3, padding=1)

@@ -45,7 +45,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def resolve_checkpoint_source(source: str | os.PathLike, variant: str = "offline") -> str:
-    """"official" -> the scaled checkpoint URL of `variant`; a name of OFFICIAL_CHECKPOINT_URLS -> its URL; else as is."""
+    """"official" -> the scaled checkpoint URL of `variant`; a key of OFFICIAL_CHECKPOINT_URLS -> its URL; else as is.
+    """
     text = os.fspath(source)
     if text == "official":
         return OFFICIAL_CHECKPOINT_URLS[f"scaled_{variant}"]

@@ -29,7 +29,10 @@ POSENC_DEGREES = 10
 
 
 def sincos_time_embedding(embed_dim: int, num_positions: int) -> Tensor:
-    """(1, num_positions, embed_dim) table [sin(p w_k), cos(p w_k)], w_k = 10000^(-k / (embed_dim/2)), float64 -> f32."""
+    """(1, num_positions, embed_dim) table [sin(p w_k), cos(p w_k)], w_k = 10000^(-k / (embed_dim/2)).
+
+    Computed in float64, returned as float32.
+    """
     omega = 1.0 / 10000 ** (torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0))
     pos = torch.arange(num_positions, dtype=torch.float32).to(torch.float64)
     angles = pos[:, None] * omega[None, :]

@@ -5,7 +5,8 @@ Official behaviour (facebookresearch/co-tracker `predictor.py`, SPEC.md §2):
     ((512-1)/(W-1), (384-1)/(H-1));
   - `grid_size=G`: a G x G grid at `grid_query_frame` (margin W/64 of the model resolution, y outer, x inner), no
     support grid; explicit `queries`: a 6 x 6 support grid at t=0 is appended and dropped afterwards;
-  - `model(..., iters=6)`; `backward_tracking`: the time-flipped video gives the tracks of frames before the query frame;
+  - `model(..., iters=6)`; `backward_tracking`: the time-flipped video gives the tracks of the frames before the
+    query frame;
   - visibility = vis > 0.9 (offline; the online model uses vis * conf > 0.6); the query frame of each track is
     overwritten with the query point and marked visible; coordinates are scaled back to the input frames.
 Beyond it: tracking at the clip's native resolution (or any (h, w)), the trainer's grid rules (`base.GRID_RULES`, e.g.
