@@ -1,11 +1,11 @@
-"""The DALI clip loader on DALI's CPU backend (VP9), against independent references, plus GPU tests for later.
+"""The DALI clip loader on DALI's CPU backend (VP9), against independent references (GPU: test_dali_gpu.py).
 
 Colour: DALI and PyAV/OpenCV (swscale) get identical YUV 4:2:0 planes from libvpx but convert them to RGB
 differently: DALI upsamples chroma bilinearly (centre-sited), swscale's default path effectively does not, so on
 colourful textures their RGB differs by ~4.5 levels on average (up to ~70 at colour edges) while the luma they imply
 agrees to ~1.3 levels on average (99.9% within 3; a few pixels near clipping reach 6). The exact test therefore
 converts PyAV's YUV planes with BT.601 limited-range coefficients and bilinear chroma upsampling in float64 (agreement:
-+-1 level, rounding), and checks against PyAV's own RGB through luma statistics only.
++-1 level, rounding), and checks against swscale's RGB (OpenCV's = PyAV's rgb24) through luma statistics only.
 """
 from __future__ import annotations
 
@@ -14,22 +14,22 @@ import logging
 import shutil
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
 
 pytest.importorskip("nvidia.dali")
+av = pytest.importorskip("av")  # the YUV reference planes, H.264 encoding and packet edits need PyAV
 
+from test_dali_helpers import BT601_LUMA, iterate_epoch, smooth_clip, swscale_rgb  # noqa: E402
 from test_data_helpers import bilinear_resize_reference, small_synthetic_set  # noqa: E402
 
 from trackmae_stream.data import VideoClipDataset, VideoRecord, build_pretrain_loader, read_video_list  # noqa: E402
 from trackmae_stream.data.dali import (build_dali_loader, probe_records, probe_video,  # noqa: E402
                                        DALI_CPU_CODECS, SKIPPED_WIDTH)
+from trackmae_stream.data.decode import VideoDecodeError  # noqa: E402
 from trackmae_stream.data.skips import TooManySkippedVideosError  # noqa: E402
 from trackmae_stream.data.synthetic import encode_video  # noqa: E402
-
-BT601_LUMA = np.array([0.299, 0.587, 0.114])
 
 
 def reference_rgb(path: str | Path, frame_ids: np.ndarray) -> np.ndarray:
@@ -51,25 +51,6 @@ def _reference_frame(path: str, frame_id: int) -> np.ndarray:
     u, v = u * (255.0 / 224.0), v * (255.0 / 224.0)
     rgb = np.stack([y + 1.402 * v, y - 0.344136 * u - 0.714136 * v, y + 1.772 * u], axis=-1)
     return np.clip(rgb, 0.0, 255.0)
-
-
-def pyav_rgb(path: str | Path, frame_ids: np.ndarray) -> np.ndarray:
-    with av.open(str(path)) as container:
-        frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
-    return np.stack([frames[i] for i in frame_ids])
-
-
-def smooth_clip(rng: np.random.Generator, num_frames: int, height: int, width: int) -> np.ndarray:
-    """uint8 (T, H, W, 3): a drifting smooth colour texture (compresses well, so decoded frames keep detail)."""
-    ys, xs = np.mgrid[0:height, 0:width].astype(np.float64)
-    waves = rng.uniform(0.05, 0.3, (3, 2, 2))
-    phases = rng.uniform(0, 2 * np.pi, (3, 2))
-    frames = np.empty((num_frames, height, width, 3))
-    for t in range(num_frames):
-        for c in range(3):
-            frames[t, ..., c] = 128 + 50 * np.sin(waves[c, 0, 0] * (xs + 1.3 * t) + waves[c, 0, 1] * ys + phases[c, 0]) \
-                + 40 * np.sin(waves[c, 1, 0] * xs - waves[c, 1, 1] * (ys - 0.7 * t) + phases[c, 1])
-    return np.clip(frames, 0, 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
@@ -111,15 +92,10 @@ def corrupt_after_first_frames(source: Path, target: Path, keep: int) -> Path:
     return target
 
 
-def iterate_epoch(loader, epoch: int) -> list[dict[str, torch.Tensor]]:
-    loader.set_epoch(epoch)
-    return list(loader)
-
-
 def test_full_frame_clips_equal_the_reference_decode(small_set):
     """crop = full frame (scales (1,)), no flip, resize to the same size: DALI's frames are the decoded frames.
 
-    Against the float64 YUV -> RGB reference: within 1 level everywhere. Against PyAV's rgb24: implied luma within
+    Against the float64 YUV -> RGB reference: within 1 level everywhere. Against swscale's RGB: implied luma within
     2 levels on average and 4 levels at the 99.9th percentile (chroma upsampling differs, see the module docstring).
     """
     size, num_frames, rate = small_set.size, 4, 5
@@ -146,7 +122,7 @@ def test_full_frame_clips_equal_the_reference_decode(small_set):
             got = batch["frames"][row].numpy().astype(np.float64)
             reference = reference_rgb(records[index].path, frame_ids)
             assert np.abs(got - reference).max() <= 1.0 + 1e-9
-            luma_gaps.append(np.abs((got - pyav_rgb(records[index].path, frame_ids)) @ BT601_LUMA).ravel())
+            luma_gaps.append(np.abs((got - swscale_rgb(records[index].path, frame_ids)) @ BT601_LUMA).ravel())
     assert len(set(seen)) == len(seen)
     luma_gaps = np.concatenate(luma_gaps)
     assert luma_gaps.mean() < 2.0 and np.percentile(luma_gaps, 99.9) <= 4.0
@@ -225,11 +201,18 @@ def test_bad_videos_are_dropped_with_a_counted_warning(video_folder, caplog):
         build_dali_loader(records, batch_size=1, num_frames=8, sampling_rate=2, input_size=32, device="cpu")
 
 
-def test_probe_counts_frames_and_sizes(video_folder, small_set):
-    probe = probe_video(video_folder["wide_b"])
+@pytest.mark.parametrize("backend", ["pyav", "opencv"])
+def test_probe_counts_frames_and_sizes(video_folder, small_set, backend):
+    probe = probe_video(video_folder["wide_b"], backend=backend)
     assert (probe.num_frames, probe.width, probe.height, probe.codec) == (20, 96, 64, "vp9")
-    probe = probe_video(small_set.videos[0])
+    probe = probe_video(small_set.videos[0], backend=backend)
     assert (probe.num_frames, probe.width) == (small_set.num_frames, small_set.size)
+    assert probe_video(video_folder["h264"], backend=backend).codec == "h264"
+    with pytest.raises(VideoDecodeError, match="codec 'h264' is not decoded"):
+        probe_video(video_folder["h264"], codecs=DALI_CPU_CODECS, backend=backend)
+    for bad in ("corrupt", "missing"):
+        with pytest.raises(VideoDecodeError, match=bad if bad == "missing" else "unreadable|no decodable"):
+            probe_video(video_folder[bad], backend=backend)
 
 
 def test_probe_cache_is_reused_and_invalidated_by_changes(video_folder, tmp_path):
@@ -321,33 +304,3 @@ def test_bad_arguments_raise(small_set, kwargs, error):
 def test_gpu_device_without_cuda_raises_clearly(small_set):
     with pytest.raises(RuntimeError, match="needs a CUDA device"):
         build_dali_loader(small_set.list_file, batch_size=2, num_frames=4, sampling_rate=2, input_size=32)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("codec", ["vp9", "h264"])
-def test_gpu_decoding_matches_the_reference(tmp_path, codec):
-    """NVDEC through fn.decoders.video(device='mixed'): frames on the GPU, same plan as on the host, pixels equal
-    the YUV reference up to colour conversion (implied luma within 4 levels at the 99.9th percentile, mean RGB gap
-    below 6, whatever chroma upsampling the GPU kernel uses)."""
-    rng = np.random.default_rng(1)
-    paths = [encode_video(smooth_clip(rng, 24, 64, 96), tmp_path / f"clip{i}.{'mp4' if codec == 'h264' else 'webm'}",
-                          codec=codec) for i in range(4)]
-    records = [VideoRecord(path=p, label=i) for i, p in enumerate(paths)]
-    loader = build_dali_loader(records, batch_size=2, num_frames=6, sampling_rate=3, input_size=64,
-                               scales=(1.0,), flip=False, device="gpu", num_threads=2)
-    assert loader.num_dropped == 0
-    batches = iterate_epoch(loader, 0)
-    assert len(batches) == 2
-    for batch in batches:
-        frames = batch["frames"]
-        assert frames.is_cuda and frames.device.index == torch.cuda.current_device()
-        assert frames.dtype == torch.uint8 and frames.shape == (2, 6, 64, 64, 3)
-        assert batch["index"].device.type == "cpu"
-        for row in range(2):
-            path = records[int(batch["index"][row])].path
-            frame_ids = batch["frame_indices"][row].numpy()
-            x, y, w, h = batch["crop_box"][row].tolist()
-            got = frames[row].cpu().numpy().astype(np.float64)
-            reference = reference_rgb(path, frame_ids)[:, y:y + h, x:x + w]
-            assert np.percentile(np.abs((got - reference) @ BT601_LUMA), 99.9) <= 4.0
-            assert np.abs(got - reference).mean() < 6.0

@@ -10,16 +10,17 @@ resize kernels differ. Per batch the host reads each video file's bytes and hand
 `fn.resize` per repeat does crop + resize (+ flip, via a reversed region of interest) in a single pass.
 
 Bad videos: DALI's decoder raises inside the pipeline, and a DALI pipeline cannot continue after an error. So the list
-is validated once, before the pipeline is built, by `probe_video` (PyAV: open, codec supported by the chosen DALI
-backend, demux every packet to count frames and catch truncated or corrupt containers, decode the first frame for the
-frame size); failing entries are dropped with one counted warning (`DaliClipLoader.dropped`, `dropped_summary()`), and
+is validated once, before the pipeline is built, by `probe_video` (with PyAV: open, demux every packet to count
+frames and catch truncated or corrupt containers, decode the first frame for the frame size, check the codec is one
+the chosen DALI backend decodes; without PyAV, which is optional, OpenCV reads the header and the first frame only);
+failing entries are dropped with one counted warning (`DaliClipLoader.dropped`, `dropped_summary()`), and
 building fails with `TooManySkippedVideosError` when they exceed `max_skip_fraction`. Probes can be cached in a JSON
 file keyed by path, size and modification time (`probe_cache`), which makes restarts on large lists cheap. A file that
 vanishes after probing is replaced at run time by another usable record, reported in `skipped` like the CPU loader
 does. A bitstream error deeper than the first frame passes the probe and makes DALI raise: the loader then decodes
-that batch's videos fully with PyAV, marks the failing ones bad (`runtime_failures`; from then on they are substituted
+that batch's videos fully (`decoding_error`), marks the failing ones bad (`runtime_failures`; from then on they are substituted
 and reported in `skipped`), rebuilds the pipeline and replays the batch, so every rank still yields the same number
-of batches. If PyAV decodes them all, the error is re-raised naming the batch's videos.
+of batches. If they all decode, the error is re-raised naming the batch's videos.
 
 Batches: the CPU loader's dict (see `collate_clips`): `frames` uint8 (B * num_sample, T, S, S, 3) RGB on the GPU for
 device="gpu" (on the CPU for device="cpu"); `label` int64 (B * num_sample,); `index`, `source_index` int64 (B,);
@@ -43,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-import av
+import cv2
 import numpy as np
 import torch
 
@@ -91,54 +92,118 @@ class VideoProbe:
     codec: str
 
 
-def probe_video(path: str | Path, codecs: Sequence[str] = DALI_GPU_CODECS) -> VideoProbe:
+def pyav_available() -> bool:
+    """PyAV is optional (the GPU image lacks it): without it probing falls back to OpenCV, header-level only."""
+    try:
+        import av  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# OpenCV reports the container's codec tag; DALI speaks FFmpeg codec names.
+_CODEC_TAGS = {"vp90": "vp9", "vp09": "vp9", "vp80": "vp8", "vp08": "vp8", "h264": "h264", "avc1": "h264",
+               "x264": "h264", "hevc": "hevc", "hev1": "hevc", "hvc1": "hevc", "h265": "hevc", "mjpg": "mjpeg",
+               "av01": "av1", "mp4v": "mpeg4", "fmp4": "mpeg4"}
+
+
+def _probe_pyav(path: Path) -> VideoProbe:
+    """Demux every packet (no decoding): exact frame count, truncated or corrupt containers caught."""
+    import av
+
+    with av.open(str(path)) as container:
+        if not container.streams.video:
+            raise VideoDecodeError(path, "unreadable (no video stream)")
+        stream = container.streams.video[0]
+        count, first = 0, None
+        for packet in container.demux(stream):
+            if packet.size == 0:  # the demuxer's end-of-stream flush packet
+                continue
+            if packet.is_corrupt:
+                raise VideoDecodeError(path, f"corrupt packet {count}")
+            count += 1
+            if first is None:
+                decoded = packet.decode()
+                first = decoded[0] if decoded else None
+        if first is None:  # a decoder with delay gives its first frame only when flushed
+            flushed = stream.codec_context.decode(None)
+            first = flushed[0] if flushed else None
+        if first is None or count == 0:
+            raise VideoDecodeError(path, "no decodable frame")
+        return VideoProbe(num_frames=count, width=int(first.width), height=int(first.height),
+                          codec=stream.codec_context.name)
+
+
+def _probe_opencv(path: Path) -> VideoProbe:
+    """Header-level fallback: codec tag and frame count from the container, size from the first decoded frame."""
+    capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+    try:
+        if not capture.isOpened():
+            raise VideoDecodeError(path, "unreadable (OpenCV/FFmpeg cannot open it)")
+        tag = int(capture.get(cv2.CAP_PROP_FOURCC)).to_bytes(4, "little").decode("latin-1").lower()
+        count = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+        ok, first = capture.read()
+        if not ok or first is None:
+            raise VideoDecodeError(path, "no decodable frame")
+        if count <= 0:
+            count = 1 + sum(1 for _ in iter(capture.grab, False))
+    finally:
+        capture.release()
+    return VideoProbe(num_frames=count, width=int(first.shape[1]), height=int(first.shape[0]),
+                      codec=_CODEC_TAGS.get(tag, tag))
+
+
+def probe_video(path: str | Path, codecs: Sequence[str] = DALI_GPU_CODECS, backend: str = "auto") -> VideoProbe:
     """Cheap validation of one video for DALI: raises VideoDecodeError naming the file and the problem.
 
-    Opens the container, checks the first video stream's codec is in `codecs`, demuxes every packet (no decoding)
-    to count frames and to catch truncated or corrupt containers, and decodes the first frame for its size.
+    backend "pyav" opens the container, demuxes every packet (no decoding) to count frames and to catch truncated
+    or corrupt containers, and decodes the first frame for its size; "opencv" is header-level (frame count from the
+    container, first frame decoded); "auto" is PyAV when installed. Then checks the codec is in `codecs`.
     """
+    if backend not in ("auto", "pyav", "opencv"):
+        raise ValueError(f"unknown probe backend {backend!r}; expected 'auto', 'pyav' or 'opencv'")
     path = Path(path)
     if not path.is_file():
         raise VideoDecodeError(path, "missing (no such file)")
+    use_pyav = backend == "pyav" or (backend == "auto" and pyav_available())
     try:
-        with av.open(str(path)) as container:
-            if not container.streams.video:
-                raise VideoDecodeError(path, "unreadable (no video stream)")
-            stream = container.streams.video[0]
-            codec = stream.codec_context.name
-            if codec not in codecs:
-                raise VideoDecodeError(path, f"codec {codec!r} is not decoded by this DALI backend "
-                                             f"(supported: {', '.join(codecs)})")
-            count, first = 0, None
-            for packet in container.demux(stream):
-                if packet.size == 0:  # the demuxer's end-of-stream flush packet
-                    continue
-                if packet.is_corrupt:
-                    raise VideoDecodeError(path, f"corrupt packet {count}")
-                count += 1
-                if first is None:
-                    decoded = packet.decode()
-                    first = decoded[0] if decoded else None
-            if first is None:  # a decoder with delay gives its first frame only when flushed
-                flushed = stream.codec_context.decode(None)
-                first = flushed[0] if flushed else None
+        probe = _probe_pyav(path) if use_pyav else _probe_opencv(path)
     except VideoDecodeError:
         raise
-    except Exception as error:  # any FFmpeg/PyAV error means DALI would fail on it too
+    except Exception as error:  # any FFmpeg error means DALI would fail on the file too
         raise VideoDecodeError(path, f"unreadable ({type(error).__name__}: {error})") from error
-    if first is None or count == 0:
-        raise VideoDecodeError(path, "no decodable frame")
-    return VideoProbe(num_frames=count, width=int(first.width), height=int(first.height), codec=codec)
+    if probe.codec not in codecs:
+        raise VideoDecodeError(path, f"codec {probe.codec!r} is not decoded by this DALI backend "
+                                     f"(supported: {', '.join(codecs)})")
+    return probe
 
 
 def decoding_error(path: str | Path) -> str | None:
-    """Decode every frame with PyAV (slow, for diagnosis): None when the stream decodes, else the error."""
+    """Decode every frame (slow; for diagnosis): None when the whole stream decodes, else what went wrong.
+
+    With PyAV any decoder error counts; the OpenCV fallback can only see a stream that ends before the frame count
+    its container claims.
+    """
     try:
-        with av.open(str(path)) as container:
-            for _ in container.decode(video=0):
-                pass
+        if pyav_available():
+            import av
+
+            with av.open(str(path)) as container:
+                for _ in container.decode(video=0):
+                    pass
+            return None
+        capture = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG)
+        try:
+            claimed = int(capture.get(cv2.CAP_PROP_FRAME_COUNT))
+            decoded = 0
+            while capture.grab():  # grab() decodes without converting
+                decoded += 1
+        finally:
+            capture.release()
     except Exception as error:
         return f"undecodable stream ({type(error).__name__}: {error})"
+    if decoded < claimed:
+        return f"undecodable stream (decoding stops after {decoded} of {claimed} frames)"
     return None
 
 
@@ -487,8 +552,8 @@ class DaliClipLoader:
             yield self._collate(outputs, plan)
 
     def _recover(self, error: RuntimeError) -> None:
-        """A DALI pipeline is dead after an error: find the batch's undecodable videos by decoding them fully with
-        PyAV, mark them bad (later draws substitute them and report them in `skipped`), rebuild the pipeline and
+        """A DALI pipeline is dead after an error: find the batch's undecodable videos by decoding them fully
+        (`decoding_error`), mark them bad (later draws substitute them and report them in `skipped`), rebuild the pipeline and
         replay that batch. Every rank keeps its batch count, which distributed training relies on."""
         if not self._source.plans:
             raise error
@@ -499,8 +564,8 @@ class DaliClipLoader:
             if reason is not None:
                 bad[index] = reason
         if not bad:
-            raise RuntimeError(f"DALI failed on a batch whose videos all decode with PyAV ({', '.join(failed['path'])})"
-                               f"; remove them from the list") from error
+            raise RuntimeError(f"DALI failed on a batch whose videos all decode outside DALI "
+                               f"({', '.join(failed['path'])}); remove them from the list") from error
         for index, reason in bad.items():
             self._source.bad[index] = reason
             self.runtime_failures.append(VideoDecodeError(self.records[index].path, reason))

@@ -64,9 +64,9 @@ def _sample_windows(images: Tensor, centres: Tensor, offsets: Tensor, padding_mo
     first column), which is `align_corners=True`.
     """
     height, width = images.shape[-2:]
-    positions = centres.unsqueeze(2) + offsets  # (B, N, K, 2)
-    scale = torch.tensor([2.0 / (width - 1), 2.0 / (height - 1)], dtype=positions.dtype, device=positions.device)
-    grid = positions * scale - 1.0
+    scale = torch.tensor([2.0 / (width - 1), 2.0 / (height - 1)], dtype=centres.dtype, device=centres.device)
+    # Normalise the (B, N) centres and the (K,) offsets separately: one full-size add builds the (B, N, K, 2) grid.
+    grid = (centres * scale - 1.0).unsqueeze(2) + offsets * scale
     return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
 
 
@@ -155,22 +155,22 @@ class LucasKanadeTracker(PointTracker):
             guess = centre if level == top else guess * 2.0
             # OpenCV pads images with reflect-101 and derivatives with zeros.
             patch = _sample_windows(prev_images[level], centre, offsets, "reflection")[:, 0]  # (B, N, K)
-            grads = _sample_windows(prev_grads[level], centre, offsets, "zeros")  # (B, 2, N, K)
-            gx, gy = grads[:, 0], grads[:, 1]
-            a11 = (gx * gx).sum(-1) * _OPENCV_EIG_SCALE
-            a12 = (gx * gy).sum(-1) * _OPENCV_EIG_SCALE
-            a22 = (gy * gy).sum(-1) * _OPENCV_EIG_SCALE
+            # (B, N, 2, K) window gradients; OpenCV pads images with reflect-101 and derivatives with zeros.
+            grads = _sample_windows(prev_grads[level], centre, offsets, "zeros").transpose(1, 2).contiguous()
+            tensor = torch.einsum("bnck,bndk->bncd", grads, grads) * _OPENCV_EIG_SCALE  # (B, N, 2, 2)
+            a11, a12, a22 = tensor[..., 0, 0], tensor[..., 0, 1], tensor[..., 1, 1]
             det = a11 * a22 - a12 * a12
             min_eig = (a11 + a22 - torch.sqrt((a11 - a22) ** 2 + 4.0 * a12 * a12)) / (2.0 * area)
             solvable = (min_eig >= self.min_eig_threshold) & (det >= _OPENCV_DET_EPS)
             inv_det = torch.where(solvable, 1.0 / torch.where(solvable, det, torch.ones_like(det)), torch.zeros_like(det))
+            # sum((J - I) grad I) = sum(J grad I) - sum(I grad I): the second term is fixed for the level.
+            patch_moment = torch.einsum("bnk,bnck->bnc", patch, grads)
             active = solvable
             prev_delta = torch.zeros_like(guess)
             for it in range(self.iters):
                 warped = _sample_windows(next_images[level], guess, offsets, "reflection")[:, 0]
-                residual = warped - patch
-                b1 = (residual * gx).sum(-1) * _OPENCV_EIG_SCALE
-                b2 = (residual * gy).sum(-1) * _OPENCV_EIG_SCALE
+                moment = (torch.einsum("bnk,bnck->bnc", warped, grads) - patch_moment) * _OPENCV_EIG_SCALE
+                b1, b2 = moment[..., 0], moment[..., 1]
                 delta = torch.stack([(a12 * b2 - a22 * b1) * inv_det, (a12 * b1 - a11 * b2) * inv_det], dim=-1)
                 delta = delta * active.unsqueeze(-1)
                 guess = guess + delta
