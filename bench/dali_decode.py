@@ -34,7 +34,8 @@ def build(kind: str, records, args):
         return build_dali_loader(records, batch_size=args.batch_size, device=kind.split("-")[1],
                                  num_threads=args.threads, prefetch=args.prefetch, **common)
     dataset = VideoClipDataset(records, decoder=kind.split("-")[1], **common)
-    # Forking a process in which a DALI pipeline has run deadlocks the workers (DALI's threads hold locks): spawn.
+    # Spawned workers: a forked child inherits whatever locks the parent's thread pools (OpenCV's during synthetic-set
+    # generation, DALI's) held at fork time; a fork after them hung here.
     return build_pretrain_loader(dataset, batch_size=args.batch_size, num_workers=args.threads,
                                  multiprocessing_context="spawn" if args.threads > 0 else None)
 
@@ -95,6 +96,8 @@ def main(argv=None) -> int:
     for kind in loaders:
         loader = build(kind, records, args)
         rows.append({"loader": kind, **measure(loader, args)})
+        if hasattr(loader, "close"):  # stop the CPU loader's persistent workers before timing the next loader
+            loader.close()
         del loader
     print(f"{source} | {len(records)} videos | batch {args.batch_size} x {args.num_frames} frames at rate "
           f"{args.sampling_rate} -> {args.input_size}px | threads {args.threads} | {device_name(device)}")
