@@ -350,8 +350,9 @@ class _ClipSource:
                     self.bad[source] = reason
                     logger.warning("skipping video %s: %s", self.records[source].path, reason)
             if attempt == SKIPPED_WIDTH:
-                raise RuntimeError(f"sample {index}: {SKIPPED_WIDTH + 1} videos in a row are unusable (last: "
-                                   f"{self.records[source].path}: {reason}); check the list and the data root")
+                raise TooManySkippedVideosError(
+                    f"sample {index}: {SKIPPED_WIDTH + 1} videos in a row are unusable (last: "
+                    f"{self.records[source].path}: {reason}); check the list and the data root")
             skipped[attempt] = source
             rng = np.random.default_rng([self.config.seed, self.epoch, index, attempt, _SUBSTITUTE])
             source = self.usable[int(rng.integers(len(self.usable)))]
@@ -545,6 +546,8 @@ class DaliClipLoader:
             except StopIteration:
                 self._exhausted = True
                 return
+            except TooManySkippedVideosError:  # raised by the source itself: nothing left to substitute
+                raise
             except RuntimeError as error:
                 self._recover(error)
                 continue
