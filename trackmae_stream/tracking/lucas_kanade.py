@@ -41,20 +41,31 @@ _OPENCV_DET_EPS = 1.1920929e-07
 
 
 def _pyr_down(images: Tensor) -> Tensor:
-    """cv2.pyrDown on float images (N, C, H, W): 5x5 binomial blur, reflect-101 border, keep even rows and columns."""
-    taps = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0], dtype=images.dtype, device=images.device) / 16.0
-    kernel = (taps[:, None] * taps[None, :]).expand(images.shape[1], 1, 5, 5)
+    """cv2.pyrDown on float images (N, C, H, W): 5x5 binomial blur, reflect-101 border, keep even rows and columns.
+
+    Written as separable sums of shifted slices rather than a convolution: exact float32 on every device (cuDNN
+    would use TF32 by default), and the same arithmetic on CPU and GPU.
+    """
+    def taps(x: Tensor, dim: int) -> Tensor:
+        size = x.shape[dim] - 4  # output positions 2i read padded 2i .. 2i + 4
+        part = [x.narrow(dim, k, size).unfold(dim, 1, 2).squeeze(-1) for k in range(5)]
+        return part[0] + part[4] + 4.0 * (part[1] + part[3]) + 6.0 * part[2]
+
     padded = F.pad(images, (2, 2, 2, 2), mode="reflect")  # torch's "reflect" is OpenCV's reflect-101
-    return F.conv2d(padded, kernel, stride=2, groups=images.shape[1])
+    return taps(taps(padded, -2), -1) / 256.0
 
 
 def _scharr_gradients(images: Tensor) -> Tensor:
-    """(N, 1, H, W) -> (N, 2, H, W) d/dx and d/dy in grey levels per pixel (Scharr / 32), reflect-101 border."""
-    smooth = torch.tensor([3.0, 10.0, 3.0], dtype=images.dtype, device=images.device)
-    diff = torch.tensor([-1.0, 0.0, 1.0], dtype=images.dtype, device=images.device)
-    kx = smooth[:, None] * diff[None, :] / 32.0
-    kernels = torch.stack([kx, kx.t()]).unsqueeze(1)
-    return F.conv2d(F.pad(images, (1, 1, 1, 1), mode="reflect"), kernels)
+    """(N, 1, H, W) -> (N, 2, H, W) d/dx and d/dy in grey levels per pixel (Scharr / 32), reflect-101 border.
+
+    Separable shifted sums, exact float32 on every device (see `_pyr_down`).
+    """
+    padded = F.pad(images, (1, 1, 1, 1), mode="reflect")
+    smooth_rows = 3.0 * (padded[..., :-2, :] + padded[..., 2:, :]) + 10.0 * padded[..., 1:-1, :]  # (N, 1, H, W + 2)
+    smooth_cols = 3.0 * (padded[..., :-2] + padded[..., 2:]) + 10.0 * padded[..., 1:-1]  # (N, 1, H + 2, W)
+    grad_x = smooth_rows[..., 2:] - smooth_rows[..., :-2]
+    grad_y = smooth_cols[..., 2:, :] - smooth_cols[..., :-2, :]
+    return torch.cat([grad_x, grad_y], dim=1) / 32.0
 
 
 def _sample_windows(images: Tensor, centres: Tensor, offsets: Tensor, padding_mode: str) -> Tensor:
@@ -163,13 +174,12 @@ class LucasKanadeTracker(PointTracker):
             min_eig = (a11 + a22 - torch.sqrt((a11 - a22) ** 2 + 4.0 * a12 * a12)) / (2.0 * area)
             solvable = (min_eig >= self.min_eig_threshold) & (det >= _OPENCV_DET_EPS)
             inv_det = torch.where(solvable, 1.0 / torch.where(solvable, det, torch.ones_like(det)), torch.zeros_like(det))
-            # sum((J - I) grad I) = sum(J grad I) - sum(I grad I): the second term is fixed for the level.
-            patch_moment = torch.einsum("bnk,bnck->bnc", patch, grads)
             active = solvable
             prev_delta = torch.zeros_like(guess)
             for it in range(self.iters):
                 warped = _sample_windows(next_images[level], guess, offsets, "reflection")[:, 0]
-                moment = (torch.einsum("bnk,bnck->bnc", warped, grads) - patch_moment) * _OPENCV_EIG_SCALE
+                # Residual first: sum(J grad I) - sum(I grad I) would cancel catastrophically under TF32 matmuls.
+                moment = torch.einsum("bnk,bnck->bnc", warped - patch, grads) * _OPENCV_EIG_SCALE
                 b1, b2 = moment[..., 0], moment[..., 1]
                 delta = torch.stack([(a12 * b2 - a22 * b1) * inv_det, (a12 * b1 - a11 * b2) * inv_det], dim=-1)
                 delta = delta * active.unsqueeze(-1)
