@@ -31,8 +31,9 @@ def smooth_clip(rng: np.random.Generator, num_frames: int, height: int, width: i
     frames = np.empty((num_frames, height, width, 3))
     for t in range(num_frames):
         for c in range(3):
-            frames[t, ..., c] = 128 + 50 * np.sin(waves[c, 0, 0] * (xs + 1.3 * t) + waves[c, 0, 1] * ys + phases[c, 0]) \
-                + 40 * np.sin(waves[c, 1, 0] * xs - waves[c, 1, 1] * (ys - 0.7 * t) + phases[c, 1])
+            first = np.sin(waves[c, 0, 0] * (xs + 1.3 * t) + waves[c, 0, 1] * ys + phases[c, 0])
+            second = np.sin(waves[c, 1, 0] * xs - waves[c, 1, 1] * (ys - 0.7 * t) + phases[c, 1])
+            frames[t, ..., c] = 128 + 50 * first + 40 * second
     return np.clip(frames, 0, 255).astype(np.uint8)
 
 

@@ -18,9 +18,9 @@ building fails with `TooManySkippedVideosError` when they exceed `max_skip_fract
 file keyed by path, size and modification time (`probe_cache`), which makes restarts on large lists cheap. A file that
 vanishes after probing is replaced at run time by another usable record, reported in `skipped` like the CPU loader
 does. A bitstream error deeper than the first frame passes the probe and makes DALI raise: the loader then decodes
-that batch's videos fully (`decoding_error`), marks the failing ones bad (`runtime_failures`; from then on they are substituted
-and reported in `skipped`), rebuilds the pipeline and replays the batch, so every rank still yields the same number
-of batches. If they all decode, the error is re-raised naming the batch's videos.
+that batch's videos fully (`decoding_error`), marks the failing ones bad (`runtime_failures`; from then on they are
+substituted and reported in `skipped`), rebuilds the pipeline and replays the batch, so every rank still yields the
+same number of batches. If they all decode, the error is re-raised naming the batch's videos.
 
 Batches: the CPU loader's dict (see `collate_clips`): `frames` uint8 (B * num_sample, T, S, S, 3) RGB on the GPU for
 device="gpu" (on the CPU for device="cpu"); `label` int64 (B * num_sample,); `index`, `source_index` int64 (B,);
@@ -556,8 +556,8 @@ class DaliClipLoader:
 
     def _recover(self, error: RuntimeError) -> None:
         """A DALI pipeline is dead after an error: find the batch's undecodable videos by decoding them fully
-        (`decoding_error`), mark them bad (later draws substitute them and report them in `skipped`), rebuild the pipeline and
-        replay that batch. Every rank keeps its batch count, which distributed training relies on."""
+        (`decoding_error`), mark them bad (later draws substitute them and report them in `skipped`), rebuild the
+        pipeline and replay that batch. Every rank keeps its batch count, which distributed training relies on."""
         if not self._source.plans:
             raise error
         failed = self._source.plans[0]

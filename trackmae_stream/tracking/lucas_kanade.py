@@ -110,7 +110,8 @@ class LucasKanadeTracker(PointTracker):
         if iters < 1:
             raise ValueError(f"LucasKanadeTracker: iters must be >= 1, got {iters}")
         if eps < 0 or min_eig_threshold < 0:
-            raise ValueError(f"LucasKanadeTracker: eps and min_eig_threshold must be >= 0, got {eps}, {min_eig_threshold}")
+            raise ValueError(f"LucasKanadeTracker: eps and min_eig_threshold must be >= 0, got {eps}, "
+                             f"{min_eig_threshold}")
         if fb_threshold <= 0:
             raise ValueError(f"LucasKanadeTracker: fb_threshold must be > 0, got {fb_threshold}")
         self.window = window
@@ -158,13 +159,11 @@ class LucasKanadeTracker(PointTracker):
         area = offsets.shape[0]
         eps_sq = self.eps * self.eps
         guess = points
-        textured = torch.ones(points.shape[:2], dtype=torch.bool, device=points.device)
         top = len(prev_images) - 1
         for level in range(top, -1, -1):
             scale = 0.5 ** level
             centre = points * scale
             guess = centre if level == top else guess * 2.0
-            # OpenCV pads images with reflect-101 and derivatives with zeros.
             patch = _sample_windows(prev_images[level], centre, offsets, "reflection")[:, 0]  # (B, N, K)
             # (B, N, 2, K) window gradients; OpenCV pads images with reflect-101 and derivatives with zeros.
             grads = _sample_windows(prev_grads[level], centre, offsets, "zeros").transpose(1, 2).contiguous()
@@ -173,7 +172,8 @@ class LucasKanadeTracker(PointTracker):
             det = a11 * a22 - a12 * a12
             min_eig = (a11 + a22 - torch.sqrt((a11 - a22) ** 2 + 4.0 * a12 * a12)) / (2.0 * area)
             solvable = (min_eig >= self.min_eig_threshold) & (det >= _OPENCV_DET_EPS)
-            inv_det = torch.where(solvable, 1.0 / torch.where(solvable, det, torch.ones_like(det)), torch.zeros_like(det))
+            inv_det = torch.where(solvable, 1.0 / torch.where(solvable, det, torch.ones_like(det)),
+                                  torch.zeros_like(det))
             active = solvable
             prev_delta = torch.zeros_like(guess)
             for it in range(self.iters):
@@ -192,9 +192,7 @@ class LucasKanadeTracker(PointTracker):
                     converged = converged | oscillating
                 active = active & ~converged
                 prev_delta = delta
-            if level == 0:
-                textured = solvable
-        return guess, textured
+        return guess, solvable  # the loop ends at full resolution: OpenCV's status
 
     def forward(self, frames: Tensor, queries: Tensor) -> TrackerOutput:
         """frames (B, T, 3, H, W) float in [0, 255]; queries (B, N, 3) as (t, x, y) pixels.
