@@ -5,9 +5,13 @@ treats as a skipped video. They walk forward through the stream and seek only wh
 than `seek_threshold` frames ahead (or behind): a clip of 16 frames at rate 4 then costs one seek to the keyframe
 before its start plus about 61 decoded frames, and nothing after its last frame.
 
-Measured on this machine (2 cores; bench/decode.py): OpenCV is the faster of the two on VP9 and H.264, so it is the
-default; PyAV stays available (it is also the encoder of the synthetic set). PyAV is imported only when used: the
-GPU image has OpenCV but not PyAV.
+Measured with bench/decode.py (2 shared cores, one thread per decoder, best of 5 interleaved rounds):
+  - synthetic set (VP9 128², 40 frames), data set samples of 8 frames at rate 2: OpenCV 107/s, PyAV 92/s;
+  - 224² H.264, 300 frames, 16-frame clips at rate 4: OpenCV 31 clips/s, PyAV 43 clips/s (OpenCV seeks 16 frames
+    before the target, then decodes forward); full data set samples: OpenCV 25/s, PyAV 28/s.
+OpenCV is the default: it wins on the embedded default data, it is installed everywhere (the GPU image has no
+PyAV), and it trails by ~12% end to end on K400-like files, where `decoder="pyav"` is the better choice. PyAV is
+imported only when used.
 """
 from __future__ import annotations
 
@@ -190,9 +194,13 @@ class PyAVReader(VideoReader):
 
     def __init__(self, path: str | Path, threads: int = 1, seek_threshold: int = DEFAULT_SEEK_THRESHOLD):
         import av  # optional dependency: only this reader needs it
+        from av.video.reformatter import VideoReformatter
 
         super().__init__(path, seek_threshold)
         self._fresh = True  # nothing decoded yet: frame 0 needs no seek
+        # One converter for all frames: each frame's own reformatter would rebuild its swscale context every
+        # frame (measured 4x slower, same pixels).
+        self._reformatter = VideoReformatter()
         if not self.path.is_file():
             raise VideoDecodeError(self.path, "missing (no such file)")
         try:
@@ -240,7 +248,7 @@ class PyAVReader(VideoReader):
             yield int(round((frame.pts - self._start_pts) * self._time_base * self._rate)), frame
 
     def _to_rgb(self, handle: Any) -> np.ndarray:
-        return handle.to_ndarray(format="rgb24")
+        return self._reformatter.reformat(handle, format="rgb24").to_ndarray()
 
     def close(self) -> None:
         self._container.close()
