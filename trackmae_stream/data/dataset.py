@@ -14,14 +14,22 @@ import torch
 
 from .decode import DEFAULT_DECODER, DECODERS, ShortReadError, VideoDecodeError, open_video, sample_clip_indices
 from .lists import VideoRecord
-from .transforms import DEFAULT_SCALES, crop_resize_flip, sample_multi_scale_crop
+from .transforms import DEFAULT_SCALES, crop_resize_flip, sample_crop_and_flip
 
 logger = logging.getLogger(__name__)
 
 #: A header may overstate the frame count by this much (WebM derives it from the duration) before the video is
 #: called truncated; within it, the clip is re-sampled from the frames that really decode.
 FRAME_COUNT_TOLERANCE = 2
-_TEMPORAL, _CROP, _SUBSTITUTE = 0, 1, 2  # purposes of the keyed generators
+#: Purposes of the keyed generators (part of the key). Other loaders (DALI) that must draw the same clips use
+#: `keyed_rng` with these.
+TEMPORAL, CROP, SUBSTITUTE = 0, 1, 2
+
+
+def keyed_rng(seed: int, epoch: int, index: int, attempt: int, purpose: int, repeat: int = 0) -> np.random.Generator:
+    """The generator of one draw, keyed by [seed, epoch, index, attempt, purpose, repeat] (attempt: how many videos
+    already failed for this sample; repeat: which of the num_sample augmentations)."""
+    return np.random.default_rng([seed, epoch, index, attempt, purpose, repeat])
 
 
 class VideoClipDataset(torch.utils.data.Dataset):
@@ -80,9 +88,6 @@ class VideoClipDataset(torch.utils.data.Dataset):
         """Epoch used for plain integer keys (the loader passes the epoch with every key instead)."""
         self.epoch = epoch
 
-    def _rng(self, epoch: int, index: int, attempt: int, purpose: int, repeat: int = 0) -> np.random.Generator:
-        return np.random.default_rng([self.seed, epoch, index, attempt, purpose, repeat])
-
     def _decode(self, record: VideoRecord, rng_key: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Frames (T, H, W, 3) and their indices for one record; VideoDecodeError when it cannot be used."""
         with open_video(record.path, self.decoder, threads=self.decoder_threads) as reader:
@@ -92,7 +97,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
                     raise VideoDecodeError(record.path, f"too short: {available} frames < num_frames "
                                                         f"{self.num_frames}")
                 indices = sample_clip_indices(available, self.num_frames, self.sampling_rate,
-                                              self._rng(*rng_key, _TEMPORAL))
+                                              keyed_rng(self.seed, *rng_key, TEMPORAL))
                 try:
                     return reader.read(indices), indices
                 except ShortReadError as error:
@@ -128,7 +133,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
                         + "; ".join(str(f) for f in failures)
                         + ". Check the list file and the data root.") from error
                 skipped[attempt] = source
-                source = int(self._rng(epoch, index, attempt, _SUBSTITUTE).integers(len(self.records)))
+                source = int(keyed_rng(self.seed, epoch, index, attempt, SUBSTITUTE).integers(len(self.records)))
 
         height, width = frames.shape[1:3]
         size = self.input_size
@@ -136,10 +141,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         boxes = np.empty((self.num_sample, 4), dtype=np.int64)
         flipped = np.zeros(self.num_sample, dtype=bool)
         for repeat in range(self.num_sample):
-            rng = self._rng(epoch, index, attempt, _CROP, repeat)
-            box = sample_multi_scale_crop(width, height, size, rng, scales=self.scales, max_distort=self.max_distort,
-                                          fix_crop=self.fix_crop, more_fix_crop=self.more_fix_crop)
-            flipped[repeat] = self.flip and bool(rng.random() < 0.5)
+            box, flipped[repeat] = sample_crop_and_flip(
+                width, height, size, keyed_rng(self.seed, epoch, index, attempt, CROP, repeat), scales=self.scales,
+                max_distort=self.max_distort, fix_crop=self.fix_crop, more_fix_crop=self.more_fix_crop, flip=self.flip)
             clips[repeat] = crop_resize_flip(frames, box, size, flip=bool(flipped[repeat]))
             boxes[repeat] = (box.x, box.y, box.width, box.height)
         label = self.records[source].label

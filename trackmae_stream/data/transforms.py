@@ -71,6 +71,15 @@ def sample_multi_scale_crop(image_width: int, image_height: int, input_size: int
     return CropBox(x=x, y=y, width=crop_width, height=crop_height)
 
 
+def sample_crop_and_flip(image_width: int, image_height: int, input_size: int, rng: np.random.Generator, *,
+                         scales: Sequence[float] = DEFAULT_SCALES, max_distort: int = 1, fix_crop: bool = True,
+                         more_fix_crop: bool = True, flip: bool = False) -> tuple[CropBox, bool]:
+    """One clip's augmentation: a multi-scale crop, then (when `flip`) a fair coin for mirroring, from one generator."""
+    box = sample_multi_scale_crop(image_width, image_height, input_size, rng, scales=scales, max_distort=max_distort,
+                                  fix_crop=fix_crop, more_fix_crop=more_fix_crop)
+    return box, flip and bool(rng.random() < 0.5)
+
+
 def crop_resize_flip(frames: np.ndarray, box: CropBox, output_size: int, flip: bool = False) -> np.ndarray:
     """Crop uint8 (T, H, W, C) frames to `box`, resize to output_size^2 (cv2 INTER_LINEAR), optionally mirror."""
     if frames.ndim != 4:
@@ -97,7 +106,7 @@ def crop_resize_flip(frames: np.ndarray, box: CropBox, output_size: int, flip: b
 
 def normalize_clip(frames_u8: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                    dtype: torch.dtype = torch.float32) -> Tensor:
-    """uint8 (B, T, H, W, 3) RGB -> normalised (B, 3, T, H, W) `dtype`, on the frames' device: (x / 255 - mean) / std."""
+    """uint8 (B, T, H, W, 3) RGB -> (B, 3, T, H, W) `dtype` on the frames' device: (x / 255 - mean) / std."""
     if frames_u8.ndim != 5 or frames_u8.shape[-1] != 3:
         raise ValueError(f"frames must be (B, T, H, W, 3), got shape {tuple(frames_u8.shape)}")
     if frames_u8.dtype != torch.uint8:
