@@ -41,8 +41,12 @@ def build(kind: str, records, args):
 
 
 def measure(loader, args) -> dict:
-    """Seconds for `--batches` batches after `--warmup`, cycling epochs as needed."""
-    needed, done, epoch, start = args.warmup + args.batches, 0, 0, None
+    """Seconds for `--batches` batches after `--warmup`, cycling epochs as needed.
+
+    Epochs are always run to their end (untimed past the last measured batch): abandoning a CPU loader mid-epoch and
+    closing it kills workers inside PyAV, which aborts them.
+    """
+    needed, done, epoch, start, seconds = args.warmup + args.batches, 0, 0, None, None
     while done < needed:
         loader.set_epoch(epoch)
         for batch in loader:
@@ -53,9 +57,8 @@ def measure(loader, args) -> dict:
             if done == args.warmup:
                 start = time.perf_counter()
             if done == needed:
-                break
+                seconds = time.perf_counter() - start
         epoch += 1
-    seconds = time.perf_counter() - start
     clips = args.batches * args.batch_size
     return {"seconds": seconds, "clips_per_s": clips / seconds, "frames_per_s": clips * args.num_frames / seconds}
 
