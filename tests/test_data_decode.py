@@ -137,7 +137,7 @@ def _brute_force_crops(width, height, size, scales, max_distort, more_fix_crop):
     for i, j in itertools.product(range(len(sizes)), repeat=2):
         if abs(i - j) > max_distort:
             continue
-        w, h = sizes[j], sizes[i]
+        w, h = min(sizes[j], width), min(sizes[i], height)  # snapping may overshoot a frame just below size
         ws, hs = (width - w) // 4, (height - h) // 4
         grid = [(0, 0), (4, 0), (0, 4), (4, 4), (2, 2)]
         if more_fix_crop:
@@ -147,7 +147,7 @@ def _brute_force_crops(width, height, size, scales, max_distort, more_fix_crop):
 
 
 @pytest.mark.parametrize("width, height, size, more", [(171, 128, 112, True), (97, 131, 64, False),
-                                                       (64, 64, 64, True)])
+                                                       (64, 64, 64, True), (63, 222, 65, True)])
 def test_multi_scale_crop_reaches_exactly_the_videomae_candidates(width, height, size, more):
     scales = (1.0, 0.875, 0.75, 0.66)
     expected = _brute_force_crops(width, height, size, scales, 1, more)

@@ -59,9 +59,8 @@ def sample_multi_scale_crop(image_width: int, image_height: int, input_size: int
     """Draw one crop with VideoMAE's GroupMultiScaleCrop semantics (uniform over pairs, then over offsets)."""
     pairs = crop_size_pairs(image_width, image_height, input_size, scales, max_distort)
     crop_width, crop_height = pairs[int(rng.integers(len(pairs)))]
-    if crop_width > image_width or crop_height > image_height:
-        raise ValueError(f"crop {crop_width}x{crop_height} does not fit a {image_width}x{image_height} frame "
-                         f"(input_size {input_size} is snapped only within 3 px)")
+    # Snapping to input_size can overshoot a frame up to 2 px smaller than input_size: clamp (PIL would pad black).
+    crop_width, crop_height = min(crop_width, image_width), min(crop_height, image_height)
     if fix_crop:
         offsets = fixed_crop_offsets(image_width, image_height, crop_width, crop_height, more_fix_crop)
         x, y = offsets[int(rng.integers(len(offsets)))]
