@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .config import TrainConfig
 from .data import (SkipCounter, VideoClipDataset, build_pretrain_loader, ensure_synthetic_dataset, read_video_list)
-from .distributed import DistInfo, all_reduce_sum
+from .distributed import DistInfo
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +31,15 @@ class SkipReport:
             self.counter.update(skipped, source_index)
 
     def reduce(self, dist: DistInfo) -> dict[str, int]:
-        counts = torch.tensor([self.counter.num_skipped_videos, self.counter.num_skip_events], dtype=torch.long,
-                              device=self.device)
-        videos, events = all_reduce_sum(counts, dist).tolist()
-        return {"videos": videos + self.dropped, "events": events}
+        """Unique skipped videos over all ranks (a substitute drawn on two ranks can fail on both) and events."""
+        state = self.counter.state_dict()
+        if dist.world_size > 1:
+            gathered = [None] * dist.world_size
+            torch.distributed.all_gather_object(gathered, (state["failed"], state["events"]))
+        else:
+            gathered = [(state["failed"], state["events"])]
+        failed = set().union(*(set(f) for f, _ in gathered))
+        return {"videos": len(failed) + self.dropped, "events": sum(e for _, e in gathered)}
 
     @property
     def total_videos(self) -> int:
@@ -65,9 +70,9 @@ class DataSetup:
         self.loader.resume(epoch, batch_in_epoch)
 
     def close(self) -> None:
-        shutdown = getattr(getattr(self.loader, "loader", None), "_iterator", None)
-        if shutdown is not None and hasattr(shutdown, "_shutdown_workers"):
-            shutdown._shutdown_workers()
+        close = getattr(self.loader, "close", None)
+        if close is not None:  # stop worker processes now rather than at garbage collection
+            close()
 
 
 def build_data(cfg: TrainConfig, dist: DistInfo, device: torch.device) -> DataSetup:
