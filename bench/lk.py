@@ -28,10 +28,13 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)  # on a shared machine, 1 thread gives steadier CPU numbers
     generator = torch.Generator().manual_seed(0)
     frames = (torch.rand(args.batch, args.frames, 3, args.size, args.size, generator=generator) * 255).to(device)
     rows = []
