@@ -251,6 +251,9 @@ def test_epoch_length_order_and_resume(small_set):
     partial = build_dali_loader(records, drop_last=False, **make)
     sizes = [len(b["index"]) for b in iterate_epoch(partial, 0)]
     assert sizes == [3, 3, 2] and len(partial) == 3
+    partial.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        iter(partial)
 
 
 def test_file_vanishing_after_the_probe_is_substituted(video_folder, tmp_path):

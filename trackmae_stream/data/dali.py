@@ -511,6 +511,11 @@ class DaliClipLoader:
         return (f"DALI loader: dropped {len(self.dropped)} of {len(self.records)} videos "
                 f"({100 * len(self.dropped) / len(self.records):.1f}%): {shown}")
 
+    def close(self) -> None:
+        """Release the DALI pipeline (its threads and device buffers) now rather than at garbage collection."""
+        self._iterator = None
+        self._exhausted = True
+
     # -- iteration
     def _drain(self) -> None:
         """Finish an abandoned epoch: stop the source and consume what DALI already prefetched."""
@@ -526,6 +531,8 @@ class DaliClipLoader:
         self._exhausted = True
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        if self._iterator is None:
+            raise RuntimeError("this DALI loader was closed")
         if not self._exhausted:
             self._drain()
         positions = self.sampler.epoch_indices(self.sampler.epoch)[self.sampler.start:]
