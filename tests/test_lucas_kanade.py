@@ -64,7 +64,8 @@ def test_matches_opencv_pyramidal_lk_on_textured_points():
     """Frame-to-frame chains agree with cv2.calcOpticalFlowPyrLK (same window, levels, iterations, eps).
 
     OpenCV works on an 8-bit pyramid with 14-bit fixed-point interpolation, we in float32: on points OpenCV keeps
-    (status 1) whose windows stay inside the frame, the two agree to 0.05 px at worst and 0.01 px at the median.
+    (status 1) whose windows stay inside the frame, the two agree to 0.01 px at worst and 0.001 px at the median
+    (measured: 0.003 and 0.0001 px over 4 chained steps).
     97 x 131 frames with a 21 px window exercise OpenCV's level rule (3 levels used out of 4 asked for).
     """
     height, width, num_frames, num_points = 97, 131, 5, 60
@@ -92,8 +93,8 @@ def test_matches_opencv_pyramidal_lk_on_textured_points():
     assert differences.size > 0.6 * 2 * (num_frames - 1) * num_points, "too few comparable points"
     moved = np.linalg.norm(ours[:, -1] - points, axis=-1)
     assert np.median(moved) > 3.0, "the test clip should move points by several pixels"
-    assert np.median(differences) < 0.01, np.median(differences)
-    assert differences.max() < 0.05, differences.max()
+    assert np.median(differences) < 1e-3, np.median(differences)
+    assert differences.max() < 0.01, differences.max()
 
 
 TRANSLATION_SIZE = (83, 101)
