@@ -55,7 +55,7 @@ def test_pyramid_support_and_correlation_against_brute_force(hash_model):
     with torch.no_grad():
         hash_model.correlation_embedding(pyramid, support, coords)
     hook.remove()
-    volumes = captured[0]  # (levels, B, N, T, 49 * 49)
+    volumes = torch.stack(captured)  # one corr_mlp call per level: (levels, B, N, T, 49 * 49)
 
     level = fmaps.double().numpy()
     for i in range(4):

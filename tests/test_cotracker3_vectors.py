@@ -70,11 +70,11 @@ def test_encoder_output(run):
 def test_correlation_mlp_iteration0(run):
     data = run["data"]
     b, t, n = data["tracks"].shape[:3]
-    # Our corr_mlp runs once per iteration on all 4 levels stacked, laid out (level, B, N, T, .); the vectors
-    # store (level, B*T*N, .) in (b, t, n) order.
-    corr_in = run["corr_in"][0].permute(0, 1, 3, 2, 4).reshape(4, b * t * n, -1)
-    corr_out = run["corr_out"][0].permute(0, 1, 3, 2, 4).reshape(4, b * t * n, -1)
-    assert len(run["corr_in"]) == 4  # one call per iteration
+    # corr_mlp runs once per level and iteration on (B, N, T, .); the vectors store (level, B*T*N, .) in (b, t, n)
+    # order.
+    assert len(run["corr_in"]) == 4 * 4
+    corr_in = torch.stack(run["corr_in"][:4]).permute(0, 1, 3, 2, 4).reshape(4, b * t * n, -1)
+    corr_out = torch.stack(run["corr_out"][:4]).permute(0, 1, 3, 2, 4).reshape(4, b * t * n, -1)
     assert _max_err(corr_in, data["corr_mlp_in_it0"]) <= CORR_TOL
     assert _max_err(corr_out, data["corr_mlp_out_it0"]) <= CORR_TOL
 

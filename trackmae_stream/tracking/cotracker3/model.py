@@ -162,14 +162,14 @@ class CoTrackerThreeBase(nn.Module):
                              align_corners=False).transpose(1, 2)
 
     def correlation_embedding(self, pyramid: list[Tensor], support: list[Tensor], coords: Tensor) -> Tensor:
-        """corr_mlp(local correlation volumes) for all levels: (B, N, T, levels * 256).
+        """corr_mlp(local correlation volume) of every level, side by side: (B, N, T, levels * 256).
 
         coords (B, N, T, 2) in level-0 feature units; support[i] (B, N, P, C).
         """
         batch, n_points, n_frames, _ = coords.shape
         n_patch = self.patch_offsets.shape[0]
         coords_btn = coords.transpose(1, 2)  # (B, T, N, 2)
-        volumes = []
+        embeddings = []
         for level, (fmap, query_feats) in enumerate(zip(pyramid, support)):
             channels, height, width = fmap.shape[-3:]
             xy = (coords_btn / 2 ** level).unsqueeze(3) + self.patch_offsets  # (B, T, N, P, 2)
@@ -182,10 +182,10 @@ class CoTrackerThreeBase(nn.Module):
             # query-patch feature, per (sample, point): (B*N, T*P, C) @ (B*N, C, P).
             corr = torch.bmm(sampled.reshape(batch * n_points, n_frames * n_patch, channels),
                              query_feats.reshape(batch * n_points, n_patch, channels).transpose(1, 2))
-            volumes.append(corr.reshape(batch, n_points, n_frames, n_patch * n_patch))
-        # One corr_mlp call for all levels (shared weights), then levels side by side: (B, N, T, L * 256).
-        emb = self.corr_mlp(torch.stack(volumes, dim=0))
-        return emb.permute(1, 2, 3, 0, 4).reshape(batch, n_points, n_frames, -1)
+            # The MLP (shared by all levels) runs per level, so only one level's volume is alive at a time: at
+            # B=32, T=8, N=196 a level's volume is ~0.5 GB in fp32.
+            embeddings.append(self.corr_mlp(corr.reshape(batch, n_points, n_frames, n_patch * n_patch)))
+        return torch.cat(embeddings, dim=-1)
 
     def update_tracks(self, pyramid: list[Tensor], support: list[Tensor], coords: Tensor, vis: Tensor, conf: Tensor,
                       iters: int, add_space_attn: bool = True, record_iterations: bool = False,
