@@ -2,9 +2,9 @@
 only plans each clip.
 
 The plan (which video, which frames, which crop, whether to flip) is drawn on the host with the CPU loader's own
-functions and keys (`ResumableDistributedSampler`, `sample_clip_indices`, `sample_multi_scale_crop`, generators
-keyed by (seed, epoch, index, 0, purpose, repeat)), so with no dropped videos a DALI batch asks for exactly the
-frames, crops and flips the CPU loader (`VideoClipDataset`) would; only the decoders' colour conversion and the
+functions and keys (`ResumableDistributedSampler`, `sample_clip_indices`, `sample_crop_and_flip`, `keyed_rng`), so
+with no dropped videos a DALI batch asks for exactly the frames, crops and flips the CPU loader (`VideoClipDataset`)
+would; only the decoders' colour conversion and the
 resize kernels differ. Per batch the host reads each video file's bytes and hands them to DALI through
 `fn.external_source`; `fn.decoders.video` decodes just the planned frames (device "mixed" for the GPU: NVDEC), and one
 `fn.resize` per repeat does crop + resize (+ flip, via a reversed region of interest) in a single pass.
@@ -48,11 +48,12 @@ import cv2
 import numpy as np
 import torch
 
+from .dataset import CROP, SUBSTITUTE, TEMPORAL, keyed_rng
 from .decode import VideoDecodeError, sample_clip_indices
 from .lists import VideoRecord, read_video_list
 from .sampler import ResumableDistributedSampler
 from .skips import DEFAULT_MAX_SKIP_FRACTION, TooManySkippedVideosError
-from .transforms import DEFAULT_SCALES, sample_multi_scale_crop
+from .transforms import DEFAULT_SCALES, sample_crop_and_flip
 
 try:  # DALI is optional (setup.py extra "dali"): the module imports without it and says so when used
     from nvidia.dali import fn, pipeline_def, types
@@ -69,8 +70,6 @@ DALI_CPU_CODECS: tuple[str, ...] = ("vp8", "vp9", "mjpeg")
 DALI_GPU_CODECS: tuple[str, ...] = ("h264", "hevc", "vp8", "vp9", "mjpeg", "av1", "mpeg4")
 #: Width of `skipped`, the CPU data set's default max_retries, so batches from both loaders stack alike.
 SKIPPED_WIDTH = 4
-# Purposes of the keyed generators: the CPU data set's values, so both loaders draw the same plan.
-_TEMPORAL, _CROP, _SUBSTITUTE = 0, 1, 2
 _PROBE_CACHE_VERSION = 1
 
 
@@ -287,11 +286,6 @@ class ClipPlanConfig:
     seed: int
 
 
-def _keyed_rng(seed: int, epoch: int, index: int, purpose: int, repeat: int = 0) -> np.random.Generator:
-    # The CPU data set's key layout [seed, epoch, index, attempt, purpose, repeat] with attempt 0.
-    return np.random.default_rng([seed, epoch, index, 0, purpose, repeat])
-
-
 class _ClipSource:
     """The external source: one call per batch, in order, returning encoded videos and their plans.
 
@@ -349,32 +343,33 @@ class _ClipSource:
                     reason = f"unreadable since probing ({error})"
                     self.bad[source] = reason
                     logger.warning("skipping video %s: %s", self.records[source].path, reason)
-            if attempt == SKIPPED_WIDTH:
+            # Substitutes come from the records not yet known bad (a rare event: the scan is affordable).
+            candidates = [i for i in self.usable if i not in self.bad] if self.bad else self.usable
+            if attempt == SKIPPED_WIDTH or not candidates:
                 raise TooManySkippedVideosError(
-                    f"sample {index}: {SKIPPED_WIDTH + 1} videos in a row are unusable (last: "
-                    f"{self.records[source].path}: {reason}); check the list and the data root")
+                    f"sample {index}: {attempt + 1} videos in a row are unusable (last: {self.records[source].path}: "
+                    f"{reason}); {len(candidates)} usable videos left; check the list and the data root")
             skipped[attempt] = source
-            rng = np.random.default_rng([self.config.seed, self.epoch, index, attempt, _SUBSTITUTE])
-            source = self.usable[int(rng.integers(len(self.usable)))]
+            rng = keyed_rng(self.config.seed, self.epoch, index, attempt, SUBSTITUTE)
+            source = candidates[int(rng.integers(len(candidates)))]
         raise AssertionError("unreachable")
 
     def plan_sample(self, index: int, source: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]],
                                                             np.ndarray, np.ndarray]:
         """Frame indices (T,), per repeat (roi_start, roi_end) in (y, x) pixels, crop boxes (R, 4), flips (R,).
 
-        Draws keyed by the requested `index` (as the CPU data set does), applied to the video actually used.
+        The CPU data set's keyed draws for the requested `index` (attempt 0), applied to the video actually used.
         """
         c = self.config
         probe = self.probes[source]
         frame_ids = sample_clip_indices(probe.num_frames, c.num_frames, c.sampling_rate,
-                                        _keyed_rng(c.seed, self.epoch, index, _TEMPORAL))
+                                        keyed_rng(c.seed, self.epoch, index, 0, TEMPORAL))
         rois, boxes, flips = [], np.empty((c.num_sample, 4), np.int64), np.zeros(c.num_sample, bool)
         for repeat in range(c.num_sample):
-            rng = _keyed_rng(c.seed, self.epoch, index, _CROP, repeat)
-            box = sample_multi_scale_crop(probe.width, probe.height, c.input_size, rng, scales=c.scales,
-                                          max_distort=c.max_distort, fix_crop=c.fix_crop,
-                                          more_fix_crop=c.more_fix_crop)
-            flips[repeat] = c.flip and bool(rng.random() < 0.5)
+            box, flips[repeat] = sample_crop_and_flip(
+                probe.width, probe.height, c.input_size, keyed_rng(c.seed, self.epoch, index, 0, CROP, repeat),
+                scales=c.scales, max_distort=c.max_distort, fix_crop=c.fix_crop, more_fix_crop=c.more_fix_crop,
+                flip=c.flip)
             boxes[repeat] = (box.x, box.y, box.width, box.height)
             left, right = (box.x + box.width, box.x) if flips[repeat] else (box.x, box.x + box.width)
             # A region of interest whose start exceeds its end is read mirrored: crop, resize and flip in one pass.
