@@ -1,7 +1,8 @@
 """Benchmark CoTracker3 as the trainer calls it: `CoTracker3Tracker.track_grid(frames, 14)` on 8-frame clips.
 
 Grid: native 224x224 vs official 384x512, fp32 vs bf16 autocast, eager / torch.compile / CUDA graphs, iterations
-(4, 6) and batch sizes (1, 8, 32; out-of-memory configurations are recorded as such). On CUDA it times with CUDA
+(4, 6) and batch sizes (1, 8, 32; out-of-memory configurations are recorded as such; the compiled modes only at
+`--compile-batch-sizes`, since every shape compiles anew). On CUDA it times with CUDA
 events after warm-up; on CPU it runs one small shape (and says so). Prints a table with the analytic GFLOP per clip
 (flops.py) and the achieved TFLOP/s, and writes JSON.
 
@@ -119,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="default: eager compile graph on CUDA, eager on CPU")
     parser.add_argument("--iters", nargs="+", type=int, default=[4, 6])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default 1 8 32 (CUDA), 1 (CPU)")
+    parser.add_argument("--compile-batch-sizes", nargs="+", type=int, default=[8],
+                        help="batch sizes timed in the compile modes (each shape compiles anew, ~1 min on GPU)")
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--grid", type=int, default=None, help="grid side (default 14 on CUDA, 4 on CPU)")
     parser.add_argument("--frame-size", type=int, nargs=2, default=None, metavar=("H", "W"),
@@ -152,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for resolution, dtype, mode, iters, batch in itertools.product(args.resolutions, args.dtypes, args.modes,
                                                                    args.iters, args.batch_sizes):
+        if MODES[mode].get("compile") and batch not in args.compile_batch_sizes:
+            continue
         row = run_config(resolution, dtype, mode, iters, batch, args, device)
         rows.append(row)
         print(f"  {row['model_size']} {dtype} {mode} iters={iters} B={batch}: "
