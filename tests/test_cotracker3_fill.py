@@ -2,6 +2,7 @@
 model's construction against the reference files (state_dict layout, default time embedding, fill checksums)."""
 from __future__ import annotations
 
+import functools
 import json
 
 import numpy as np
@@ -49,12 +50,16 @@ def fill_value(kind: str, index: int, key: str, shape: tuple[int, ...]) -> np.nd
     return values.astype(np.float32).reshape(shape)
 
 
+@functools.lru_cache(maxsize=None)
+def _filled_tensors(kind: str, layout: tuple[tuple[str, tuple[int, ...]], ...]) -> dict[str, torch.Tensor]:
+    # Cached per (fill, state_dict layout): the splitmix fill of 25 M values takes ~1 s, and many tests need it.
+    return {key: torch.from_numpy(fill_value(kind, k, key, shape)) for k, (key, shape) in enumerate(sorted(layout))}
+
+
 def fill_state_dict(model: torch.nn.Module, kind: str) -> torch.nn.Module:
     """Overwrite every tensor of model.state_dict() with the fill formula (strict load); returns the model."""
-    state = model.state_dict()
-    filled = {key: torch.from_numpy(fill_value(kind, k, key, tuple(state[key].shape)))
-              for k, key in enumerate(sorted(state))}
-    model.load_state_dict(filled, strict=True)
+    layout = tuple((key, tuple(value.shape)) for key, value in model.state_dict().items())
+    model.load_state_dict(_filled_tensors(kind, layout), strict=True)
     return model
 
 
