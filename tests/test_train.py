@@ -178,3 +178,27 @@ def test_cli_reports_bad_input_before_training(synthetic, tmp_path, capsys):
     assert "mask.rho=2" in capsys.readouterr().err
     assert main(["--config", "vit_b_k400"]) == 2
     assert "data.list_file" in capsys.readouterr().err
+
+
+def test_trains_with_cotracker3_checkpoint_and_clip_target(synthetic, tmp_path):
+    """The trainer drives our CoTracker3 from a checkpoint file (random weights, native resolution) and a CLIP-style
+    feature target from a local file (a small timm ViT stands in for CLIP); λ defaults to 0.25 with features."""
+    import timm
+
+    from trackmae_stream.tracking.cotracker3 import CoTrackerThreeOffline
+
+    torch.manual_seed(0)
+    tracker_ckpt = tmp_path / "scaled_offline.pth"
+    torch.save(CoTrackerThreeOffline().state_dict(), tracker_ckpt)
+    teacher_ckpt = tmp_path / "teacher.pth"
+    torch.save(timm.create_model("vit_tiny_patch16_224.augreg_in21k", num_classes=0).state_dict(), teacher_ckpt)
+    args = tiny(synthetic, tmp_path, **{
+        "optim.max_steps": 2, "log_every": 2, "run_name": "cotracker_clip", "tracker.checkpoint": str(tracker_ckpt),
+        "tracker.resolution": "native", "tracker.iters": 2, "target.spatial": "clip",
+        "target.clip_model": "vit_tiny_patch16_224.augreg_in21k", "target.clip_checkpoint": str(teacher_ckpt)})
+    summary = train(load_config("default", args))
+    records = read_log(summary.run_dir)
+    assert records[0]["tracker"] == "cotracker3-offline"
+    (logged,) = [r for r in records if "loss" in r]
+    assert logged["loss"] == pytest.approx(logged["loss_spatial"] + 0.25 * logged["loss_motion"], rel=1e-6)
+    assert load_checkpoint(summary.last_checkpoint)["model"]["decoder.head.weight"].shape[0] == 192

@@ -59,6 +59,7 @@ class TrackerConfig:
     resolution: str = "official"  # "official" (resize to 384x512) | "native" (track at the clip's size)
     precision: str = "fp32"  # "fp32" | "bf16" (autocast)
     compile: bool = False
+    cuda_graph: bool = False  # CoTracker3 on CUDA: capture the network once per shape and replay it
     overlap: bool = True  # CUDA: prepare batch i+1 (decode copy, tracking, targets) on a side stream during step i
 
 

@@ -25,7 +25,8 @@ def build_tracker(cfg: TrackerConfig, device: torch.device) -> PointTracker:
 
         tracker = CoTracker3Tracker(cfg.checkpoint, variant=cfg.variant, iters=cfg.iters, resolution=cfg.resolution,
                                     amp_dtype=torch.bfloat16 if cfg.precision == "bf16" else None,
-                                    grid_rule=cfg.grid_rule, compile=cfg.compile, sha256=cfg.sha256)
+                                    grid_rule=cfg.grid_rule, compile=cfg.compile, cuda_graph=cfg.cuda_graph,
+                                    sha256=cfg.sha256)
     elif backend == "lucas-kanade":
         from .lucas_kanade import LucasKanadeTracker
 
