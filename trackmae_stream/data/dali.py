@@ -248,6 +248,7 @@ def probe_records(records: Sequence[VideoRecord], *, codecs: Sequence[str], min_
         entries = dict(pool.map(probe_one, records))
     if cache_file is not None:
         cache.update(entries)
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
         temporary = cache_file.with_name(f".{cache_file.name}.{os.getpid()}.tmp")
         temporary.write_text(json.dumps({"version": _PROBE_CACHE_VERSION, "entries": cache}))
         os.replace(temporary, cache_file)  # atomic: concurrent ranks never read a half-written cache
