@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 
 LAYOUTS = ("BCTHW", "BTHWC")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 

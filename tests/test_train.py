@@ -149,22 +149,28 @@ def test_corrupt_and_missing_videos_are_skipped_and_counted(synthetic, tmp_path)
                                           **{"data.max_skip_fraction": 0.05})))
 
 
-def test_nonfinite_loss_stops_naming_the_step(synthetic, tmp_path, monkeypatch):
+@pytest.mark.parametrize("poison", ["loss", "gradient"])
+def test_nonfinite_loss_or_gradient_stops_naming_the_step(synthetic, tmp_path, monkeypatch, poison):
+    """A NaN loss, or a finite loss with a NaN gradient (which would poison the weights in bf16, with no GradScaler
+    to skip the step), stops the run naming the step and writes no checkpoint after it."""
     real = engine_module.compute_losses
     calls = {"n": 0}
 
     def poisoned(pred, batch, lam):
         calls["n"] += 1
+        if calls["n"] == 3 and poison == "gradient":  # the third optimizer step
+            pred["motion"].register_hook(lambda grad: grad * float("nan"))
         losses = real(pred, batch, lam)
-        if calls["n"] == 3:  # the third optimizer step
+        if calls["n"] == 3 and poison == "loss":
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
     monkeypatch.setattr(engine_module, "compute_losses", poisoned)
-    args = tiny(synthetic, tmp_path, **{"optim.max_steps": 6, "ckpt_every": 1, "log_every": 10, "run_name": "nan"})
-    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 3"):
+    args = tiny(synthetic, tmp_path, **{"optim.max_steps": 6, "ckpt_every": 1, "log_every": 10,
+                                        "run_name": f"nan_{poison}"})
+    with pytest.raises(NonFiniteLossError, match="non-finite loss or gradient at step 3"):
         train(load_config("default", args))
-    names = sorted(p.name for p in (tmp_path / "runs" / "nan" / "checkpoints").iterdir())
+    names = sorted(p.name for p in (tmp_path / "runs" / f"nan_{poison}" / "checkpoints").iterdir())
     assert names == ["checkpoint-00000001.pt", "checkpoint-00000002.pt"]
 
 
@@ -178,6 +184,9 @@ def test_cli_reports_bad_input_before_training(synthetic, tmp_path, capsys):
     assert "mask.rho=2" in capsys.readouterr().err
     assert main(["--config", "vit_b_k400"]) == 2
     assert "data.list_file" in capsys.readouterr().err
+    # more accumulation steps than batches per epoch would never step the optimizer: refused before training
+    assert main(tiny(synthetic, tmp_path, **{"optim.accum_steps": 50, "run_name": "accum"})) == 1
+    assert "optim.accum_steps=50" in capsys.readouterr().err
 
 
 def test_trains_with_cotracker3_checkpoint_and_clip_target(synthetic, tmp_path):

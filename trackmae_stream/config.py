@@ -16,8 +16,7 @@ import yaml
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 class ConfigError(ValueError):
@@ -42,6 +41,8 @@ class DataConfig:
     flip: bool = False  # VideoMAE pretraining does not flip
     num_sample: int = 1  # VideoMAE V2 repeated sampling: clips cut from one decode
     num_workers: int = 8
+    prefetch_batches: int = 2  # per CPU worker; each holds a uint8 batch in shared memory (/dev/shm)
+    probe_cache: str | None = None  # DALI: JSON cache of the up-front list probe (default: in the cache folder)
     max_skip_fraction: float = 0.1  # abort when more than this share of visited videos failed to decode
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -128,6 +129,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto" | "cuda" | "cpu"
     precision: str = "bf16"  # "bf16" | "fp16" (GradScaler) | "fp32"; autocast applies on CUDA only
+    tf32: bool = True  # CUDA: TF32 tensor cores for the fp32 matmuls outside autocast (tracker, teacher)
     output_dir: str = "runs"
     run_name: str | None = None  # default: <preset>-<timestamp>
     resume: str | None = None  # "auto" (newest valid checkpoint in the run folder) | a checkpoint path
@@ -220,6 +222,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _fail(key, value, "must be a positive integer")
     if d.num_workers < 0:
         _fail("data.num_workers", d.num_workers, "must be >= 0")
+    if d.prefetch_batches < 1:
+        _fail("data.prefetch_batches", d.prefetch_batches, "must be >= 1")
     if d.input_size % m.patch_size:
         _fail("data.input_size", d.input_size, f"must be divisible by model.patch_size={m.patch_size}")
     if d.num_frames % m.tubelet_size:
@@ -253,11 +257,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _fail("tracker.iters", t.iters, "must be >= 1")
         if cfg.target.upsample < 1:
             _fail("target.upsample", cfg.target.upsample, "must be >= 1")
-        if (grid * cfg.target.upsample) % side:
-            _fail("tracker.grid_size", t.grid_size,
-                  f"grid x target.upsample = {grid * cfg.target.upsample} must be a multiple of the token grid {side}")
-        if cfg.mask.type == "motion" and grid % side:
-            _fail("tracker.grid_size", t.grid_size, f"motion-aware masking needs a multiple of the token grid {side}")
+        if grid % side:  # the binning statistic pools whole groups of grid points per token
+            _fail("tracker.grid_size", t.grid_size, f"must be a multiple of the token grid {side} (or 0)")
     if cfg.target.spatial == "none" and not cfg.target.motion:
         _fail("target.motion", cfg.target.motion, "at least one of a spatial target and the motion target is needed")
     if cfg.target.clip_checkpoint and not Path(cfg.target.clip_checkpoint).expanduser().is_file():

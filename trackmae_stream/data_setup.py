@@ -2,6 +2,7 @@
 workers or DALI), and the skipped-video accounting the trainer logs and bounds."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,41 +13,36 @@ from torch import Tensor
 
 from .config import TrainConfig
 from .data import (SkipCounter, VideoClipDataset, build_pretrain_loader, ensure_synthetic_dataset, read_video_list)
-from .distributed import DistInfo
+from .distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
 
 
 class SkipReport:
-    """This rank's `SkipCounter` plus the videos a DALI probe dropped before training; reduced over ranks at log
-    intervals (the counts are per rank: each rank decodes its own shard)."""
+    """This rank's `SkipCounter`, plus the videos a DALI probe dropped before training (the probe sees the whole list,
+    so those count once). At log intervals the ranks' counters are merged, so that every rank logs the same unique
+    count and takes the same decision against `data.max_skip_fraction`."""
 
-    def __init__(self, counter: SkipCounter, dropped_before_training: int, device: torch.device):
+    def __init__(self, records: list, counter: SkipCounter, dropped_before_training: int):
+        self.records = records
         self.counter = counter
-        self.dropped = dropped_before_training  # the probe sees the whole list on every rank: counted once
-        self.device = device
+        self.dropped = dropped_before_training
 
     def update(self, skipped: Tensor | None, source_index: Tensor | None) -> None:
         if skipped is not None:  # host tensors from the loader: no device sync
             self.counter.update(skipped, source_index)
 
-    def reduce(self, dist: DistInfo) -> dict[str, int]:
-        """Unique skipped videos over all ranks (a substitute drawn on two ranks can fail on both) and events."""
-        state = self.counter.state_dict()
-        if dist.world_size > 1:
-            gathered = [None] * dist.world_size
-            torch.distributed.all_gather_object(gathered, (state["failed"], state["events"]))
-        else:
-            gathered = [(state["failed"], state["events"])]
-        failed = set().union(*(set(f) for f, _ in gathered))
-        return {"videos": len(failed) + self.dropped, "events": sum(e for _, e in gathered)}
-
-    @property
-    def total_videos(self) -> int:
-        return self.counter.num_skipped_videos + self.dropped
-
-    def check(self) -> None:
-        self.counter.check()
+    def reduce(self, dist: DistInfo) -> SkipCounter:
+        """All ranks' reports in one counter (unique videos: a substitute drawn on two ranks can fail on both)."""
+        if dist.world_size == 1:
+            return self.counter
+        states = [None] * dist.world_size
+        torch.distributed.all_gather_object(states, self.counter.state_dict())
+        merged = SkipCounter(self.records, max_skip_fraction=self.counter.max_skip_fraction)
+        merged.load_state_dict({"failed": sorted(set().union(*(s["failed"] for s in states))),
+                                "used": sorted(set().union(*(s["used"] for s in states))),
+                                "events": sum(s["events"] for s in states)})
+        return merged
 
     def state_dict(self) -> dict:
         return self.counter.state_dict()
@@ -89,14 +85,28 @@ def build_data(cfg: TrainConfig, dist: DistInfo, device: torch.device) -> DataSe
     records = read_video_list(list_file, list_root)  # a malformed line fails here, naming file and line
     dropped = 0
     if d.loader == "dali":
+        from .data import default_cache_dir
         from .data.dali import build_dali_loader
 
-        loader = build_dali_loader(records, batch_size=cfg.batch_size, num_frames=d.num_frames,
-                                   sampling_rate=d.sampling_rate, input_size=d.input_size, scales=d.scales,
-                                   flip=d.flip, num_sample=d.num_sample, seed=cfg.seed, shard_id=dist.rank,
-                                   num_shards=dist.world_size, device="gpu" if device.type == "cuda" else "cpu",
-                                   device_id=device.index if device.type == "cuda" else None,
-                                   num_threads=max(2, d.num_workers), max_skip_fraction=d.max_skip_fraction)
+        list_key = hashlib.sha1(str(Path(list_file).resolve()).encode()).hexdigest()
+        probe_cache = (Path(d.probe_cache).expanduser() if d.probe_cache
+                       else default_cache_dir() / "dali-probe" / f"{list_key}.json")
+
+        def build():
+            return build_dali_loader(records, batch_size=cfg.batch_size, num_frames=d.num_frames,
+                                     sampling_rate=d.sampling_rate, input_size=d.input_size, scales=d.scales,
+                                     flip=d.flip, num_sample=d.num_sample, seed=cfg.seed, shard_id=dist.rank,
+                                     num_shards=dist.world_size, device="gpu" if device.type == "cuda" else "cpu",
+                                     device_id=device.index if device.type == "cuda" else None,
+                                     num_threads=max(2, d.num_workers), prefetch=d.prefetch_batches,
+                                     probe_cache=probe_cache, max_skip_fraction=d.max_skip_fraction)
+
+        # Rank 0 probes the list and writes the cache; the others then read it (on a shared file system) instead of
+        # demuxing every video again, and so agree on which videos are usable.
+        loader = build() if dist.is_main else None
+        barrier(dist)
+        if not dist.is_main:
+            loader = build()
         dropped = loader.num_dropped
         log.info(loader.dropped_summary())
         description += ", DALI " + ("GPU" if device.type == "cuda" else "CPU") + " decoding"
@@ -106,11 +116,11 @@ def build_data(cfg: TrainConfig, dist: DistInfo, device: torch.device) -> DataSe
                                    decoder=d.decoder, seed=cfg.seed)
         loader = build_pretrain_loader(dataset, batch_size=cfg.batch_size, num_workers=d.num_workers,
                                        rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
-                                       pin_memory=device.type == "cuda")
+                                       pin_memory=device.type == "cuda", prefetch_factor=d.prefetch_batches)
         description += f", {d.decoder} decoding in {d.num_workers} workers"
     if loader.batches_per_epoch < 1:
         raise ValueError(f"{list_file}: {len(records)} videos give no full batch of batch_size={cfg.batch_size} per "
                          f"rank on {dist.world_size} rank(s); lower batch_size or add videos")
     counter = SkipCounter(records, max_skip_fraction=d.max_skip_fraction, world_size=dist.world_size)
-    return DataSetup(loader=loader, skips=SkipReport(counter, dropped, device), description=description,
+    return DataSetup(loader=loader, skips=SkipReport(records, counter, dropped), description=description,
                      num_videos=len(records))

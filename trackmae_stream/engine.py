@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -19,12 +17,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from . import __version__
+from . import __version__, kernels
 from .checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from .config import TrainConfig, motion_weight, save_config, to_dict, tokens_per_side, tracker_grid_size
+from .config import ConfigError, TrainConfig, motion_weight, save_config, to_dict, tokens_per_side, tracker_grid_size
 from .data_setup import DataSetup, build_data
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from .masking import MaskGenerator
@@ -94,17 +92,16 @@ def compute_losses(pred: dict[str, Tensor], batch: TrainBatch, lam: float) -> di
     return losses
 
 
-def _unwrap(model: nn.Module) -> TrackMAE:
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
-
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.dist: DistInfo = init_distributed(cfg.device)
         setup_logging(self.dist.is_main)
         self.device = self.dist.device
+        cuda = self.device.type == "cuda"
+        if cuda and cfg.tf32:  # fp32 matmuls outside autocast (tracker, teacher) on tensor cores
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(cfg.seed + self.dist.rank)
         self.run_dir = self._resolve_run_dir()
         self.logger = MetricLogger(self.run_dir, self.dist.is_main, cfg.tensorboard)
@@ -114,7 +111,11 @@ class Trainer:
 
         # data
         self.data: DataSetup = build_data(cfg, self.dist, self.device)
-        self.steps_per_epoch = max(1, self.data.batches_per_epoch // cfg.optim.accum_steps)
+        accum = cfg.optim.accum_steps
+        if self.data.batches_per_epoch < accum:
+            raise ConfigError(f"optim.accum_steps={accum}: an epoch has only {self.data.batches_per_epoch} batches "
+                              f"per rank, so no optimizer step would ever happen; lower it or batch_size")
+        self.steps_per_epoch = self.data.batches_per_epoch // accum
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
 
         # tracking, targets, masks
@@ -126,6 +127,8 @@ class Trainer:
         needs_tracks = cfg.target.motion or cfg.mask.type == "motion"
         self.tracker = build_tracker(cfg.tracker, self.device) if needs_tracks else None
         self.preparer = BatchPreparer(cfg, self.tracker, self.targets, self.masks, self.device)
+        # One preparation stream for the whole run: the caching allocator keeps a pool per stream.
+        self.side_stream = torch.cuda.Stream(self.device) if cuda and cfg.tracker.overlap else None
 
         # model and optimisation
         model = build_model(cfg, self.targets)
@@ -134,18 +137,19 @@ class Trainer:
         model.set_attention_backend(self.attention_backend)
         model.set_activation_checkpointing(cfg.model.activation_checkpointing)
         model.to(self.device)
-        self.global_batch = (cfg.batch_size * cfg.data.num_sample * self.dist.world_size * cfg.optim.accum_steps)
+        self.global_batch = cfg.batch_size * cfg.data.num_sample * self.dist.world_size * accum
         lr = peak_lr(cfg.optim, self.global_batch)
         warmup = (cfg.optim.warmup_steps if cfg.optim.warmup_steps is not None
                   else round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.schedule = CosineSchedule(lr, min(cfg.optim.min_lr, lr), min(warmup, self.total_steps), self.total_steps)
         self.optimizer = build_optimizer(model, cfg.optim, lr)
-        cuda = self.device.type == "cuda"
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.precision == "fp16")
         self.raw_model = model
         if self.dist.world_size > 1:
-            model = DistributedDataParallel(model, device_ids=[self.device.index] if cuda else None)
+            # The only buffers are the fixed sin-cos tables: nothing to broadcast every step.
+            model = DistributedDataParallel(model, device_ids=[self.device.index] if cuda else None,
+                                            broadcast_buffers=False)
         if cfg.model.compile:
             model = torch.compile(model)
         self.model = model
@@ -156,6 +160,7 @@ class Trainer:
         self.batch_in_epoch = 0  # micro-batches consumed in the current epoch
         self.last_checkpoint: Path | None = None
         self.loss_history: list[float] = []
+        self.skipped_videos = 0  # over all ranks, as of the last log interval
         self._resume()
         self.flops_per_clip = 3.0 * forward_flops(self.shape, self.masks.num_visible)
         self.peak = peak_tflops(self.device, cfg.peak_tflops)
@@ -182,14 +187,19 @@ class Trainer:
         if cfg.resume is None:
             return
         if cfg.resume == "auto":
-            found = self.ckpt.newest_valid(map_location="cpu")
-            if found is None:
+            # Rank 0 chooses; every rank then reads that file, so all ranks resume from the same step.
+            chosen = None
+            if self.dist.is_main:
+                found = self.ckpt.newest_valid(map_location="cpu")
+                chosen = str(found[0]) if found is not None else None
+            chosen = broadcast_object(chosen, self.dist)
+            if chosen is None:
                 log.info("resume=auto: no checkpoint in %s, starting fresh", self.ckpt.dir)
                 return
-            path, state = found
+            path = Path(chosen)
         else:
-            path, state = Path(cfg.resume), load_checkpoint(cfg.resume, map_location="cpu")
-        self.load_state(state, path)
+            path = Path(cfg.resume)
+        self.load_state(load_checkpoint(path, map_location="cpu"), path)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
         self.logger.event({"event": "resume", "checkpoint": str(path), "step": self.step})
 
@@ -200,27 +210,24 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
-        self.step, self.epoch, self.batch_in_epoch = int(state["step"]), int(state["epoch"]), int(
-            state["batch_in_epoch"])
+        self.step, self.epoch = int(state["step"]), int(state["epoch"])
+        self.batch_in_epoch = int(state["batch_in_epoch"])
         self.loss_history = list(state.get("loss_history", []))
-        if "skips" in state and self.dist.world_size == 1:
-            self.data.skips.load_state_dict(state["skips"])
-        rng = state["rng"]
-        per_rank = rng.get("per_rank")
-        if per_rank is not None:
-            if len(per_rank) != self.dist.world_size:
-                log.warning("checkpoint has RNG states for %d ranks, this run has %d: RNG streams restart",
-                            len(per_rank), self.dist.world_size)
-            else:
-                restore_rng_state(per_rank[self.dist.rank])
+        per_rank = state["rng"].get("per_rank", [])
+        if len(per_rank) == self.dist.world_size:
+            restore_rng_state(per_rank[self.dist.rank]["rng"])
+            self.data.skips.load_state_dict(per_rank[self.dist.rank]["skips"])
+        else:
+            log.warning("%s holds the state of %d ranks, this run has %d: RNG streams and skip counts restart", path,
+                        len(per_rank), self.dist.world_size)
 
     def state_dict(self) -> dict[str, Any]:
-        rng = capture_rng_state()
+        mine = {"rng": capture_rng_state(), "skips": self.data.skips.state_dict()}
         if self.dist.world_size > 1:
-            gathered = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(gathered, rng)
+            per_rank = [None] * self.dist.world_size
+            torch.distributed.all_gather_object(per_rank, mine)
         else:
-            gathered = [rng]
+            per_rank = [mine]
         return {
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -229,15 +236,14 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "config": to_dict(self.cfg),
-            "rng": {"per_rank": gathered},
+            "rng": {"per_rank": per_rank},  # RNG states and skip counters, one entry per rank
             "loss_history": self.loss_history,
-            "skips": self.data.skips.state_dict(),
             "format": "trackmae_stream",
             "version": __version__,
         }
 
     def save_checkpoint(self) -> Path | None:
-        state = self.state_dict()  # collective on all ranks (RNG gather)
+        state = self.state_dict()  # collective on all ranks (per-rank state gather)
         path = None
         if self.dist.is_main:
             path = self.ckpt.save(self.step, state)
@@ -253,7 +259,7 @@ class Trainer:
         info = {
             "event": "start", "version": __version__, "run_dir": str(self.run_dir), "device": str(self.device),
             "world_size": self.dist.world_size, "tracker": tracker, "attention": self.attention_backend,
-            "kernels": _kernel_backend(self.device), "model": describe(self.shape),
+            "kernels": kernels.default_backend(self.device), "model": describe(self.shape),
             "parameters": count_parameters(self.raw_model), "global_batch": self.global_batch,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "peak_lr": self.schedule.peak_lr,
             "visible_tokens": self.masks.num_visible, "train_gflop_per_clip": self.flops_per_clip / 1e9,
@@ -280,16 +286,8 @@ class Trainer:
         if self.step >= self.total_steps:
             log.info("nothing to do: step %d >= total steps %d", self.step, self.total_steps)
             return self._summary()
-        lam = motion_weight(cfg.target)
         accum = cfg.optim.accum_steps
-        timer = IntervalTimer()
-        loss_keys = ["loss"]
-        for name, on in (("spatial", cfg.target.spatial != "none"), ("motion", cfg.target.motion)):
-            if on:
-                loss_keys += [f"loss_{name}", f"zero_{name}"]
-        loss_sum = torch.zeros(len(loss_keys), device=self.device, dtype=torch.float64)
-        first_bad_step = torch.full((), -1, device=self.device, dtype=torch.long)
-        interval_steps = 0
+        state = _IntervalState(self.device, ["spatial"] * (cfg.target.spatial != "none") + ["motion"] * cfg.target.motion)
         progress = None
         if cfg.progress and self.dist.is_main:
             from tqdm import tqdm
@@ -298,65 +296,31 @@ class Trainer:
                             file=sys.stderr, mininterval=1.0)
         try:
             while self.step < self.total_steps:
-                if self.batch_in_epoch >= self.data.batches_per_epoch:
+                if self.batch_in_epoch + accum > self.data.batches_per_epoch:  # the tail (< accum batches) is dropped
                     self.epoch += 1
                     self.batch_in_epoch = 0
                 self.data.set_position(self.epoch, self.batch_in_epoch)
-                micro_step = self.step * accum
-                batches = StreamingPrefetcher(self.data.loader, self.preparer, start_step=micro_step, timer=timer,
-                                              overlap=cfg.tracker.overlap)
+                batches = StreamingPrefetcher(self.data.loader, self.preparer, start_step=self.step * accum,
+                                              timer=state.timer, stream=self.side_stream)
                 self.model.train()
-                while self.step < self.total_steps and self.batch_in_epoch + accum <= self.data.batches_per_epoch:
-                    set_lr(self.optimizer, self.schedule(self.step))
-                    t_step = time.perf_counter()
-                    for micro in range(accum):
-                        batch = next(batches)
-                        self.data.skips.update(batch.skipped, batch.source_index)
-                        sync_ctx = (self.model.no_sync() if micro < accum - 1 and hasattr(self.model, "no_sync")
-                                    else contextlib.nullcontext())
-                        t_fwd = time.perf_counter()
-                        with sync_ctx:
-                            with self._autocast():
-                                pred = self.model(batch.patches, batch.visible_idx, batch.masked_idx)
-                                losses = compute_losses(pred, batch, lam)
-                            self.scaler.scale(losses["loss"] / accum).backward()
-                        loss_sum += torch.stack([losses[k].detach() for k in loss_keys]).double() / accum
-                        bad = ~torch.isfinite(losses["loss"].detach())
-                        first_bad_step = torch.where(bad & (first_bad_step < 0),
-                                                     torch.full_like(first_bad_step, self.step), first_bad_step)
-                        timer.clips += batch.num_clips
-                        timer.add("compute", time.perf_counter() - t_fwd)
-                        self.batch_in_epoch += 1
-                    grad_norm = None
-                    log_now = (self.step + 1) % cfg.log_every == 0 or self.step + 1 == self.total_steps
-                    if cfg.optim.clip_grad is not None or log_now:
-                        self.scaler.unscale_(self.optimizer)
-                        grad_norm = torch.nn.utils.clip_grad_norm_(
-                            self.raw_model.parameters(), cfg.optim.clip_grad if cfg.optim.clip_grad else math.inf,
-                            foreach=True)
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    timer.steps += 1
-                    interval_steps += 1
-                    timer.add("step", time.perf_counter() - t_step)
-                    if progress is not None:
-                        progress.update(1)
-                    if log_now:
-                        record = self._log_interval(timer, loss_sum, loss_keys, interval_steps, grad_norm,
-                                                    first_bad_step)
+                try:
+                    while self.step < self.total_steps and self.batch_in_epoch + accum <= self.data.batches_per_epoch:
+                        self._train_step(batches, state)
                         if progress is not None:
-                            progress.set_postfix(loss=f"{record['loss']:.4f}", clips_s=f"{record['clips_per_s']:.1f}")
-                        loss_sum.zero_()
-                        interval_steps = 0
-                        timer.reset()
-                    if self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
-                        self._check_finite(first_bad_step)
-                        self.save_checkpoint()
-                if self.batch_in_epoch + accum > self.data.batches_per_epoch:
-                    self.batch_in_epoch = self.data.batches_per_epoch  # the epoch's tail (< accum batches) is dropped
-            self._check_finite(first_bad_step)
+                            progress.update(1)
+                        if (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                            record = self._log_interval(state)
+                            if progress is not None:
+                                progress.set_postfix(loss=f"{record['loss']:.4f}",
+                                                     clips_s=f"{record['clips_per_s']:.1f}")
+                        if self.step % cfg.ckpt_every == 0 and self.step < self.total_steps:
+                            t0 = time.perf_counter()
+                            self._check_finite(state.first_bad_step)
+                            self.save_checkpoint()
+                            state.timer.exclude(time.perf_counter() - t0)  # checkpoint I/O is not training time
+                finally:
+                    batches.close()
+            self._check_finite(state.first_bad_step)
             self.save_checkpoint()
         finally:
             if progress is not None:
@@ -366,35 +330,77 @@ class Trainer:
                            "checkpoint": str(summary.last_checkpoint), "skipped_videos": summary.skipped_videos})
         return summary
 
-    def _check_finite(self, first_bad_step: Tensor) -> None:
-        bad = int(first_bad_step.item())
-        if bad >= 0:
-            raise NonFiniteLossError(
-                f"non-finite loss at step {bad + 1}: stopping without writing a checkpoint (the last good one is "
-                f"{self.last_checkpoint or 'none'}); lower optim.lr or enable optim.clip_grad")
+    def _train_step(self, batches: StreamingPrefetcher, state: "_IntervalState") -> None:
+        """One optimizer step over `accum_steps` micro-batches; no host sync."""
+        cfg = self.cfg
+        accum = cfg.optim.accum_steps
+        lam = motion_weight(cfg.target)
+        set_lr(self.optimizer, self.schedule(self.step))
+        t_step = time.perf_counter()
+        loss_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        for micro in range(accum):
+            batch = next(batches)
+            self.data.skips.update(batch.skipped, batch.source_index)
+            last = micro == accum - 1
+            sync_ctx = self.model.no_sync() if not last and hasattr(self.model, "no_sync") else contextlib.nullcontext()
+            with sync_ctx:
+                with self._autocast():
+                    pred = self.model(batch.patches, batch.visible_idx, batch.masked_idx)
+                    losses = compute_losses(pred, batch, lam)
+                self.scaler.scale(losses["loss"] / accum).backward()
+            state.add_losses(losses, accum)
+            loss_nonfinite |= ~torch.isfinite(losses["loss"].detach())
+            state.timer.clips += batch.num_clips
+            self.batch_in_epoch += 1
+        params = [p for p in self.raw_model.parameters() if p.grad is not None]
+        self.scaler.unscale_(self.optimizer)  # no-op unless fp16
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if cfg.optim.clip_grad is not None:
+            torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_grad, grad_norm, foreach=True)
+        # With a GradScaler an inf gradient is routine (the step is skipped); otherwise it poisons the weights.
+        bad = loss_nonfinite if self.scaler.is_enabled() else loss_nonfinite | ~torch.isfinite(grad_norm)
+        state.flag_nonfinite(bad, self.step)
+        state.grad_norm_sum += grad_norm.detach().double()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        state.steps += 1
+        state.timer.steps += 1
+        state.timer.add("step", time.perf_counter() - t_step)
 
-    def _log_interval(self, timer: IntervalTimer, loss_sum: Tensor, loss_keys: list[str], steps: int,
-                      grad_norm: Tensor | None, first_bad_step: Tensor) -> dict[str, Any]:
+    def _check_finite(self, first_bad_step: Tensor) -> None:
+        """Every rank takes the same decision: the earliest non-finite step over all ranks (-1 = none)."""
+        flag = first_bad_step.clone()
+        flag = torch.where(flag < 0, torch.full_like(flag, torch.iinfo(torch.long).max), flag)
+        if self.dist.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        bad = int(flag.item())
+        if bad != torch.iinfo(torch.long).max:
+            raise NonFiniteLossError(
+                f"non-finite loss or gradient at step {bad + 1}: stopping without writing a checkpoint (the last "
+                f"good one is {self.last_checkpoint or 'none'}); lower optim.lr or enable optim.clip_grad")
+
+    def _log_interval(self, state: "_IntervalState") -> dict[str, Any]:
         """The one host sync of an interval: wall time, reduced losses, skips, memory."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+        timer = state.timer
         wall = timer.elapsed()
-        self._check_finite(first_bad_step)
-        totals = all_reduce_sum(loss_sum.clone(), self.dist) / (steps * self.dist.world_size)
-        values = dict(zip(loss_keys, totals.tolist()))
-        for name in ("spatial", "motion"):  # loss relative to predicting zeros: < 1 means the model learned something
-            if f"zero_{name}" in values:
-                values[f"rel_{name}"] = values[f"loss_{name}"] / max(values.pop(f"zero_{name}"), 1e-12)
+        self._check_finite(state.first_bad_step)
+        values = state.reduced_losses(self.dist)
         skips = self.data.skips.reduce(self.dist)
-        clips = timer.clips * self.dist.world_size
-        clips_per_s = clips / wall if wall > 0 else float("nan")
+        self.skipped_videos = skips.num_skipped_videos + self.data.skips.dropped
+        clips_per_s = timer.clips * self.dist.world_size / wall if wall > 0 else float("nan")
         record: dict[str, Any] = {
             "step": self.step, "epoch": self.epoch, **values, "lr": self.optimizer.param_groups[0]["lr"],
-            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "grad_norm": float(state.grad_norm_sum) / max(1, state.steps),
             "clips_per_s": clips_per_s, "step_time_s": wall / max(1, timer.steps),
             "data_wait": timer.buckets.get("data", 0.0) / wall if wall > 0 else 0.0,
-            "prepare_share": timer.buckets.get("prepare", 0.0) / wall if wall > 0 else 0.0,
-            "skipped_videos": skips["videos"], "skip_events": skips["events"], "mem_gib": memory_gib(self.device),
+            # host time spent issuing the preparation (tracking, targets); on CUDA it runs on the side stream
+            "prepare_host_share": timer.buckets.get("prepare", 0.0) / wall if wall > 0 else 0.0,
+            "skipped_videos": self.skipped_videos, "skip_events": skips.num_skip_events,
+            "mem_gib": memory_gib(self.device),
         }
         if self.peak is not None:
             record["mfu"] = self.flops_per_clip * clips_per_s / self.dist.world_size / (self.peak * 1e12)
@@ -402,12 +408,13 @@ class Trainer:
         self.logger.log(record)
         if self.dist.is_main:
             log.info(format_record(record))
-        self.data.skips.check()
+        skips.check()  # the merged counter: every rank raises or none does
+        state.reset()
         return record
 
     def _summary(self) -> RunSummary:
         return RunSummary(run_dir=self.run_dir, step=self.step, epoch=self.epoch, losses=list(self.loss_history),
-                          last_checkpoint=self.last_checkpoint, skipped_videos=self.data.skips.total_videos)
+                          last_checkpoint=self.last_checkpoint, skipped_videos=self.skipped_videos)
 
     def close(self) -> None:
         self.data.close()
@@ -415,18 +422,38 @@ class Trainer:
         shutdown(self.dist)
 
 
-def _kernel_backend(device: torch.device) -> str:
-    """What the kernel dispatch will pick, for the run log (the dispatch layer itself decides per call)."""
-    forced = os.environ.get("TRACKMAE_KERNEL_BACKEND")
-    if forced:
-        return forced
-    if device.type != "cuda":
-        return "torch"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "torch"
-    return "triton"
+class _IntervalState:
+    """What accumulates on the device between log intervals (losses, grad norms, the first non-finite step) and
+    the host timer; nothing here synchronises."""
+
+    def __init__(self, device: torch.device, targets: list[str]):
+        self.keys = ["loss"] + [f"{kind}_{name}" for name in targets for kind in ("loss", "zero")]
+        self.loss_sum = torch.zeros(len(self.keys), device=device, dtype=torch.float64)
+        self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
+        self.timer = IntervalTimer()
+        self.steps = 0
+
+    def add_losses(self, losses: dict[str, Tensor], accum: int) -> None:
+        self.loss_sum += torch.stack([losses[k].detach() for k in self.keys]).double() / accum
+
+    def flag_nonfinite(self, bad: Tensor, step: int) -> None:
+        self.first_bad_step = torch.where(bad & (self.first_bad_step < 0), torch.full_like(self.first_bad_step, step),
+                                          self.first_bad_step)
+
+    def reduced_losses(self, dist: DistInfo) -> dict[str, float]:
+        totals = all_reduce_sum(self.loss_sum.clone(), dist) / (max(1, self.steps) * dist.world_size)
+        values = dict(zip(self.keys, totals.tolist()))
+        for name in ("spatial", "motion"):  # loss relative to predicting zeros: < 1 means the model learned something
+            if f"zero_{name}" in values:
+                values[f"rel_{name}"] = values[f"loss_{name}"] / max(values.pop(f"zero_{name}"), 1e-12)
+        return values
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.grad_norm_sum.zero_()
+        self.steps = 0
+        self.timer.reset()
 
 
 def _newest_run(output_dir: Path, preset: str) -> Path | None:

@@ -17,7 +17,9 @@ from .model.adapters import FORMATS, StateDictError, from_native, unwrap_checkpo
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> Path:
     state = load_checkpoint(checkpoint)
-    weights = from_native(unwrap_checkpoint(state), fmt)
+    data, model = state["config"]["data"], state["config"]["model"]
+    num_tokens = (data["num_frames"] // model["tubelet_size"]) * (data["input_size"] // model["patch_size"]) ** 2
+    weights = from_native(unwrap_checkpoint(state), fmt, num_tokens=num_tokens)
     return atomic_save({"model": weights, "source": str(checkpoint), "format": fmt}, out)
 
 

@@ -23,7 +23,7 @@ class MaskGenerator:
 
     @property
     def visible_per_frame(self) -> int:
-        return self.tokens_per_frame - int(self.cfg.ratio * self.tokens_per_frame)
+        return kernels.visible_per_frame(self.tokens_per_frame, self.cfg.ratio)
 
     @property
     def num_visible(self) -> int:

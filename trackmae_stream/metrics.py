@@ -63,6 +63,10 @@ class IntervalTimer:
     def add(self, bucket: str, seconds: float) -> None:
         self.buckets[bucket] = self.buckets.get(bucket, 0.0) + seconds
 
+    def exclude(self, seconds: float) -> None:
+        """Leave `seconds` (e.g. checkpoint I/O) out of the interval's wall time."""
+        self.start += seconds
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 

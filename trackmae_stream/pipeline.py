@@ -32,7 +32,6 @@ class TrainBatch:
     motion_target: Tensor | None  # (B, M, motion_dim)
     skipped: Tensor | None  # (B, k) host tensor: record indices of videos that failed to decode (-1 padding)
     source_index: Tensor | None  # (B,) host tensor: the records actually decoded
-    step: int  # micro-batch index the masks were drawn for
 
     @property
     def num_clips(self) -> int:
@@ -86,24 +85,24 @@ class BatchPreparer:
         motion_target = kernels.gather_tokens(motion_all, mask.masked_idx) if self.cfg.target.motion else None
         return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=mask.masked_idx,
                           spatial_target=self.targets.spatial(frames, mask.masked_idx), motion_target=motion_target,
-                          skipped=batch.get("skipped"), source_index=batch.get("source_index"), step=step)
+                          skipped=batch.get("skipped"), source_index=batch.get("source_index"))
 
 
 class StreamingPrefetcher:
-    """Iterator of prepared batches. On CUDA with `overlap`, batch i+1 is prepared on a side stream as soon as batch
-    i is handed out, so tracking and target building overlap the training step on batch i."""
+    """Iterator of prepared batches. With a side `stream` (CUDA), batch i+1 is prepared on it as soon as batch i is
+    handed out, so tracking and target building overlap the training step on batch i; without one (CPU, or
+    `tracker.overlap=false`) preparation runs inline. Pinned host batches need no extra lifetime care: the caching
+    host allocator does not reuse a pinned block before the asynchronous copy that reads it has completed."""
 
     def __init__(self, loader: Any, preparer: BatchPreparer, *, start_step: int, timer: IntervalTimer,
-                 overlap: bool = True):
+                 stream: torch.cuda.Stream | None = None):
         self.loader_iter: Iterator = iter(loader)
         self.preparer = preparer
-        self.step = start_step
+        self.step = start_step  # micro-batch index: keys the masks of the batch being prepared
         self.timer = timer
-        self.cuda = preparer.device.type == "cuda"
-        self.stream = torch.cuda.Stream(preparer.device) if (self.cuda and overlap) else None
+        self.stream = stream
         self._next: TrainBatch | None = None
         self._ready: torch.cuda.Event | None = None
-        self._host_batch: Any = None  # keeps pinned host memory alive until its async copy has completed
         self._exhausted = False
         self._preload()
 
@@ -116,29 +115,29 @@ class StreamingPrefetcher:
         self.timer.add("data", time.perf_counter() - t0)
         return batch
 
+    def _prepare(self, batch: dict[str, Any]) -> None:
+        t0 = time.perf_counter()
+        self._next = self.preparer(batch, self.step)
+        self.timer.add("prepare", time.perf_counter() - t0)
+
     def _preload(self) -> None:
         if self.stream is None:
             batch = self._fetch()
             if batch is None:
                 self._exhausted = True
-                return
-            t0 = time.perf_counter()
-            self._next = self.preparer(batch, self.step)
-            self.timer.add("prepare", time.perf_counter() - t0)
+            else:
+                self._prepare(batch)
             return
-        # The side stream must not start before the default stream has finished with what it frees.
-        self.stream.wait_stream(torch.cuda.current_stream(self.preparer.device))
+        # Start only after the work already queued on the consumer stream (at most one batch ahead).
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
         with torch.cuda.stream(self.stream):
             batch = self._fetch()  # a GPU loader (DALI) then writes its output on this stream too
             if batch is None:
                 self._exhausted = True
                 return
-            t0 = time.perf_counter()
-            self._next = self.preparer(batch, self.step)
+            self._prepare(batch)
             self._ready = torch.cuda.Event()
             self._ready.record(self.stream)
-            self.timer.add("prepare", time.perf_counter() - t0)
-        self._host_batch = batch
 
     def __iter__(self) -> "StreamingPrefetcher":
         return self
@@ -148,10 +147,17 @@ class StreamingPrefetcher:
             raise StopIteration
         out = self._next
         if self.stream is not None:
-            consumer = torch.cuda.current_stream(self.preparer.device)
+            consumer = torch.cuda.current_stream(self.stream.device)
             consumer.wait_event(self._ready)
             for tensor in out.device_tensors():
                 tensor.record_stream(consumer)
         self.step += 1
         self._preload()
         return out
+
+    def close(self) -> None:
+        """Abandon the batch prepared ahead: the consumer stream waits for its work, so nothing the next prefetcher
+        queues (e.g. into a CUDA graph's static buffers) can overtake it."""
+        if self.stream is not None:
+            torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+        self._next = None

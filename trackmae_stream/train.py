@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         summary = train(cfg)
-    except (VideoListError, TooManySkippedVideosError, CheckpointError, StateDictError, NonFiniteLossError) as exc:
+    except (ConfigError, VideoListError, TooManySkippedVideosError, CheckpointError, StateDictError,
+            NonFiniteLossError) as exc:
         # Expected failures with a message that names the file, key or step: no traceback needed.
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,7 +1,8 @@
-"""Clip augmentation (VideoMAE's GroupMultiScaleCrop, horizontal flip) and the one ImageNet normalisation.
+"""Clip augmentation (VideoMAE's GroupMultiScaleCrop, horizontal flip) and whole-clip ImageNet normalisation.
 
-The data pipeline hands the trainer uint8 frames; `normalize_clip` is the single definition of the normalisation
-the trainer applies on the device (4x less host work and host-to-device traffic than float frames).
+The data pipeline hands the trainer uint8 frames (4x less host work and host-to-device traffic than float frames).
+Training normalises on the device inside `kernels.gather_patches`, only for the visible tubelets; `normalize_clip`
+normalises whole clips with the same constants, for feature extraction and evaluation.
 """
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from ..constants import IMAGENET_MEAN, IMAGENET_STD
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
 _MAX_RESIZE_CHANNELS = 128  # OpenCV 5 converts arrays of at most 128 channels: 42 RGB frames per resize call
 

@@ -79,10 +79,14 @@ def to_native(sd: Mapping[str, Tensor], fmt: str | None = None) -> tuple[dict[st
     return out, fmt
 
 
-def from_native(sd: Mapping[str, Tensor], fmt: str) -> dict[str, Tensor]:
-    """Export native keys to `fmt`. "videomae" keeps the encoder, the spatial decoder and the mask token."""
+def from_native(sd: Mapping[str, Tensor], fmt: str, num_tokens: int | None = None) -> dict[str, Tensor]:
+    """Export native keys to `fmt`. "videomae" keeps the encoder, the spatial decoder and the mask token.
+    "trackmae_public" also stores the fixed sin-cos tables (the public model registers them as buffers), so it needs
+    `num_tokens`, the token count of the clips the model was trained on."""
     if fmt == "native":
         return dict(sd)
+    if fmt not in FORMATS:
+        raise StateDictError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
         if fmt == "videomae":
@@ -93,13 +97,18 @@ def from_native(sd: Mapping[str, Tensor], fmt: str) -> dict[str, Tensor]:
                 out[f"{m.group(1)}.q_bias"] = q.clone()
                 out[f"{m.group(1)}.v_bias"] = v.clone()
                 continue
-        elif fmt == "trackmae_public":
+        else:
             for new, old in ((n, o) for o, n in _PUBLIC_RENAMES):
                 if key.startswith(new):
                     key = old + key[len(new):]
-        else:
-            raise StateDictError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
         out[key] = value
+    if fmt == "trackmae_public":
+        if num_tokens is None:
+            raise StateDictError("the public TrackMAE layout stores the position tables: give num_tokens")
+        from .vit import sinusoid_table
+
+        out["encoder.pos_embed"] = sinusoid_table(num_tokens, sd["encoder.norm.weight"].shape[0])[None]
+        out["decoder_pos_embed"] = sinusoid_table(num_tokens, sd["mask_token"].shape[-1])[None]
     return out
 
 

@@ -7,6 +7,7 @@ same pixel units plus a visibility (B, T, N) in [0, 1]. Everything stays on the 
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,9 +32,18 @@ def query_grid(grid_size: int, height: int, width: int, rule: str = "cotracker",
       - "naive": `get_points_on_a_grid(G, (H, W))` on the frame itself (margin W/64).
       - "patch_centred": the centres of a G x G partition of the frame, (j + 0.5) * W / G - 0.5; with G = 14 on
         224 px these are the ViT patch centres 16 j + 7.5, which the paper describes.
+    The grid is built once per (G, H, W, rule, device) and cached there: a training step asks for it every batch,
+    and building it anew would copy host memory to the device (a host sync) each time. Do not modify it in place.
     """
     if grid_size < 2:
         raise ValueError(f"grid_size must be >= 2, got {grid_size}")
+    if rule not in GRID_RULES:
+        raise ValueError(f"unknown grid rule {rule!r}; expected one of {GRID_RULES}")
+    return _cached_grid(grid_size, height, width, rule, torch.device(device) if device is not None else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_grid(grid_size: int, height: int, width: int, rule: str, device: torch.device | None) -> Tensor:
     if rule == "cotracker":
         margin = 512 / 64
         ys = torch.linspace(margin, 384 - margin, grid_size, dtype=torch.float32)
@@ -44,12 +54,10 @@ def query_grid(grid_size: int, height: int, width: int, rule: str = "cotracker",
         margin = width / 64
         ys = torch.linspace(margin, height - margin, grid_size, dtype=torch.float32)
         xs = torch.linspace(margin, width - margin, grid_size, dtype=torch.float32)
-    elif rule == "patch_centred":
+    else:  # patch_centred
         idx = torch.arange(grid_size, dtype=torch.float64) + 0.5
         xs = (idx * width / grid_size - 0.5).float()
         ys = (idx * height / grid_size - 0.5).float()
-    else:
-        raise ValueError(f"unknown grid rule {rule!r}; expected one of {GRID_RULES}")
     gy, gx = torch.meshgrid(ys, xs, indexing="ij")
     return torch.stack([gx, gy], dim=-1).reshape(-1, 2).to(device)
 

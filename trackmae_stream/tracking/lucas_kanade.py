@@ -26,6 +26,8 @@ independent check), times 0 when the window is untextured (OpenCV's status) or t
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -68,6 +70,13 @@ def _scharr_gradients(images: Tensor) -> Tensor:
     return torch.cat([grad_x, grad_y], dim=1) / 32.0
 
 
+@functools.lru_cache(maxsize=64)
+def _grid_scale(width: int, height: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(2,) pixel -> grid_sample scale, built once per size and device: a fresh small tensor every call would be a
+    host-to-device copy, i.e. a host sync, hundreds of times per batch."""
+    return torch.tensor([2.0 / (width - 1), 2.0 / (height - 1)], dtype=dtype, device=device)
+
+
 def _sample_windows(images: Tensor, centres: Tensor, offsets: Tensor, padding_mode: str) -> Tensor:
     """Bilinear samples of images (B, C, H, W) on windows around centres (B, N, 2) -> (B, C, N, K).
 
@@ -75,7 +84,7 @@ def _sample_windows(images: Tensor, centres: Tensor, offsets: Tensor, padding_mo
     first column), which is `align_corners=True`.
     """
     height, width = images.shape[-2:]
-    scale = torch.tensor([2.0 / (width - 1), 2.0 / (height - 1)], dtype=centres.dtype, device=centres.device)
+    scale = _grid_scale(width, height, centres.dtype, centres.device)
     # Normalise the (B, N) centres and the (K,) offsets separately: one full-size add builds the (B, N, K, 2) grid.
     grid = (centres * scale - 1.0).unsqueeze(2) + offsets * scale
     return F.grid_sample(images, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
@@ -124,6 +133,8 @@ class LucasKanadeTracker(PointTracker):
         steps = torch.arange(window, dtype=torch.float32) - half
         dy, dx = torch.meshgrid(steps, steps, indexing="ij")
         self.register_buffer("_window_offsets", torch.stack([dx, dy], dim=-1).reshape(-1, 2), persistent=False)
+        self.register_buffer("_rgb_to_grey", torch.tensor(_RGB_TO_GREY, dtype=torch.float32).view(1, 1, 3, 1, 1),
+                             persistent=False)
 
     def extra_repr(self) -> str:
         return (f"window={self.window}, levels={self.levels}, iters={self.iters}, eps={self.eps}, "
@@ -210,8 +221,7 @@ class LucasKanadeTracker(PointTracker):
         batch, num_frames, _, height, width = frames.shape
         device = frames.device
         with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
-            weights = torch.tensor(_RGB_TO_GREY, dtype=torch.float32, device=device).view(1, 1, 3, 1, 1)
-            grey = (frames.float() * weights).sum(2, keepdim=True)  # (B, T, 1, H, W)
+            grey = (frames.float() * self._rgb_to_grey).sum(2, keepdim=True)  # (B, T, 1, H, W)
             flat_images, flat_grads = self.build_pyramid(grey.reshape(batch * num_frames, 1, height, width))
             images = [level.reshape(batch, num_frames, *level.shape[1:]) for level in flat_images]
             grads = [level.reshape(batch, num_frames, *level.shape[1:]) for level in flat_grads]

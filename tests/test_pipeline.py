@@ -1,0 +1,123 @@
+"""Batch preparation and the side-stream prefetcher: the prefetched batches equal direct preparation, masks are keyed
+by the micro-step, the overlapped (CUDA) path equals the serial one, and nothing on the per-step path syncs the host."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trackmae_stream.config import load_config
+from trackmae_stream.masking import MaskGenerator
+from trackmae_stream.metrics import IntervalTimer
+from trackmae_stream.pipeline import BatchPreparer, StreamingPrefetcher
+from trackmae_stream.targets import TargetBuilder
+from trackmae_stream.tracking import build_tracker
+
+OVERRIDES = ["data.num_frames=8", "data.input_size=64", "batch_size=3"]
+
+
+def make_preparer(device: torch.device, extra: list[str] | None = None) -> BatchPreparer:
+    cfg = load_config("default", OVERRIDES + (extra or []))
+    masks = MaskGenerator(cfg.mask, tokens_per_frame=16, num_slots=4, seed=5, rank=0)
+    tracker = build_tracker(cfg.tracker, device)
+    return BatchPreparer(cfg, tracker, TargetBuilder(cfg).to(device), masks, device)
+
+
+def host_batches(count: int, seed: int = 0) -> list[dict]:
+    """Loader-style batches: smooth moving textures (so the tracker has something to follow), uint8."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        base = torch.rand(3, 1, 3, 96, 96, generator=gen)
+        base = torch.nn.functional.interpolate(base[:, 0], size=(96, 96), mode="bilinear")[:, None]
+        shifts = torch.arange(8)
+        frames = torch.stack([torch.roll(base[:, 0], shifts=(int(s), int(s) // 2), dims=(2, 3)) for s in shifts], 1)
+        frames = (frames[..., 16:80, 16:80] * 255).to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
+        out.append({"frames": frames, "skipped": torch.full((3, 4), -1), "source_index": torch.arange(3)})
+    return out
+
+
+def assert_batches_equal(a, b) -> None:
+    for name in ("patches", "visible_idx", "masked_idx", "spatial_target", "motion_target"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert torch.equal(x.cpu(), y.cpu()), name
+
+
+def test_prefetched_batches_equal_direct_preparation_and_masks_follow_the_step():
+    device = torch.device("cpu")
+    preparer = make_preparer(device)
+    batches = host_batches(3)
+    prefetched = list(StreamingPrefetcher(batches, preparer, start_step=7, timer=IntervalTimer()))
+    assert len(prefetched) == 3
+    for i, got in enumerate(prefetched):
+        assert_batches_equal(got, preparer(batches[i], 7 + i))
+    # same clips, different step: different masks; same step: the same masks
+    again = preparer(batches[0], 8)
+    assert not torch.equal(again.visible_idx, prefetched[0].visible_idx)
+    assert torch.equal(preparer(batches[0], 7).visible_idx, prefetched[0].visible_idx)
+    first = prefetched[0]
+    assert first.patches.shape == (3, first.visible_idx.shape[1], 3 * 2 * 16 * 16)
+    assert first.motion_target.shape == (3, first.masked_idx.shape[1], 8)
+
+
+@pytest.mark.gpu
+def test_overlapped_preparation_equals_serial_on_cuda():
+    device = torch.device("cuda")
+    preparer = make_preparer(device)
+    batches = [{k: (v.pin_memory() if k == "frames" else v) for k, v in b.items()} for b in host_batches(4)]
+    serial = list(StreamingPrefetcher(batches, preparer, start_step=0, timer=IntervalTimer()))
+    stream = torch.cuda.Stream()
+    overlapped = []
+    for batch in StreamingPrefetcher(batches, preparer, start_step=0, timer=IntervalTimer(), stream=stream):
+        overlapped.append(batch)
+        torch.cuda._sleep(2_000_000)  # keep the consumer stream busy so that preparation really overlaps it
+    torch.cuda.synchronize()
+    for a, b in zip(serial, overlapped):
+        assert_batches_equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tracker", ["lucas-kanade", "cotracker3"])
+def test_batch_preparation_never_syncs_the_host(tracker, tmp_path):
+    device = torch.device("cuda")
+    extra = []
+    if tracker == "cotracker3":
+        from trackmae_stream.tracking.cotracker3 import CoTrackerThreeOffline
+
+        path = tmp_path / "cotracker.pth"
+        torch.save(CoTrackerThreeOffline().state_dict(), path)
+        extra = [f"tracker.checkpoint={path}", "tracker.resolution=native", "tracker.iters=2"]
+    preparer = make_preparer(device, extra)
+    batches = host_batches(2)
+    batches = [{k: (v.pin_memory() if k == "frames" else v) for k, v in b.items()} for b in batches]
+    preparer(batches[0], 0)  # first call: builds the cached grids and constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        preparer(batches[1], 1)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_training_step_never_syncs_the_host(tmp_path):
+    from trackmae_stream.engine import Trainer, _IntervalState
+
+    cfg = load_config("default", OVERRIDES + [f"output_dir={tmp_path}", "data.num_workers=0", "progress=false",
+                                              f"data.synthetic_dir={tmp_path / 'syn'}", "data.synthetic_videos=12",
+                                              "data.synthetic_size=64", "data.synthetic_frames=20", "device=cuda"])
+    trainer = Trainer(cfg)
+    try:
+        trainer.data.set_position(0, 0)
+        state = _IntervalState(trainer.device, ["spatial", "motion"])
+        batches = StreamingPrefetcher(trainer.data.loader, trainer.preparer, start_step=0, timer=state.timer,
+                                      stream=trainer.side_stream)
+        trainer._train_step(batches, state)  # warm-up: caches, cuBLAS handles, optimizer state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            trainer._train_step(batches, state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        batches.close()
+    finally:
+        trainer.close()
