@@ -54,6 +54,8 @@ class CudaGraphRunner:
                 self.fn(*static_args)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: in the trainer, DataLoader pin-memory, DALI and NCCL threads keep making CUDA calls while this
+        # thread captures; the default ("global") mode would make those calls fail the capture.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self.fn(*static_args)
         return graph, static_args, static_out
