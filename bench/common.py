@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import statistics
 import time
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Callable
 import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: For measurements that must not land in bench/results (e.g. CPU runs of GPU benchmarks): runs/ is not committed.
+LOCAL_RESULTS_DIR = Path(__file__).resolve().parents[1] / "runs" / "bench"
 
 
 def device_name(device: torch.device) -> str:
@@ -20,12 +23,19 @@ def device_name(device: torch.device) -> str:
 
 
 def device_tag(device: torch.device) -> str:
-    """Short file-name tag: h100, h200, a100 ... or cpu."""
+    """Short file-name tag: cpu, or the GPU model (h100, h200, gh200, a100, l40s ...).
+
+    A GPU outside the known list is named by the first model-like word of its name ("rtx a6000" -> "a6000"), else by
+    its whole name as a slug.
+    """
+    if device.type != "cuda":
+        return "cpu"
     name = device_name(device).lower()
-    for tag in ("h200", "h100", "gh200", "a100", "l40s", "a10g", "v100"):
+    for tag in ("gh200", "h200", "h100", "a100", "l40s", "a10g", "v100"):
         if tag in name:
             return tag
-    return "cuda" if device.type == "cuda" else "cpu"
+    match = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", name)
+    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
 
 
 def synchronize(device: torch.device) -> None:
@@ -58,19 +68,23 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def write_results(payload: dict, out: str | Path | None, default_name: str) -> Path:
-    path = Path(out) if out else RESULTS_DIR / default_name
+def write_results(payload: dict, out: str | Path | None, default_name: str, *,
+                  results_dir: str | Path = RESULTS_DIR) -> Path:
+    """Write `payload` (plus torch version and date) as JSON to `out`, else to results_dir / default_name."""
+    path = Path(out) if out else Path(results_dir) / default_name
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"torch": torch.__version__, "created": time.strftime("%Y-%m-%d %H:%M:%S"), **payload}
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
 
 
-def print_table(rows: list[dict], columns: list[tuple[str, str]]) -> None:
-    """columns: (key, format) pairs; format like '{:.2f}'."""
-    headers = [k for k, _ in columns]
-    cells = [[fmt.format(r[k]) if r.get(k) is not None else "-" for k, fmt in columns] for r in rows]
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+def print_table(rows: list[dict], columns: list[tuple[str, str] | tuple[str, str, str]]) -> None:
+    """columns: (key, format) or (key, format, header) tuples; format like '{:.2f}'; the header defaults to the key.
+    A missing or None value prints as '-'."""
+    headers = [column[2] if len(column) > 2 else column[0] for column in columns]
+    cells = [[column[1].format(r[column[0]]) if r.get(column[0]) is not None else "-" for column in columns]
+             for r in rows]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(headers)]  # rows may be []
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
     print("  ".join("-" * w for w in widths))
     for c in cells:

@@ -12,53 +12,25 @@ events after warm-up; on CPU it runs one small shape (and says so). Prints a tab
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
-import json
 import logging
-import platform
-import re
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from trackmae_stream.tracking.cotracker3 import CoTracker3Tracker
-from trackmae_stream.tracking.cotracker3.flops import cotracker3_gflop
-from trackmae_stream.tracking.cotracker3.predictor import resolve_resolution
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import device_name, device_tag, median, print_table, synchronize, time_fn, write_results  # noqa: E402
+
+from trackmae_stream.tracking.cotracker3 import CoTracker3Tracker  # noqa: E402
+from trackmae_stream.tracking.cotracker3.flops import cotracker3_gflop  # noqa: E402
+from trackmae_stream.tracking.cotracker3.predictor import resolve_resolution  # noqa: E402
 
 MODES = {"eager": {}, "compile": {"compile": True}, "graph": {"cuda_graph": True},
          "compile+graph": {"compile": True, "cuda_graph": True}}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
-
-
-def device_slug(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(device).lower()
-    match = re.search(r"\b([a-z]\d{2,4}[a-z]?)\b", name)
-    return match.group(1) if match else re.sub(r"[^a-z0-9]+", "-", name).strip("-")
-
-
-def time_call(fn, device: torch.device, warmup: int, repeats: int) -> list[float]:
-    """Milliseconds per call: CUDA events on GPU (after `warmup` calls), wall clock on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            started = time.perf_counter()
-            fn()
-            times.append(1e3 * (time.perf_counter() - started))
-    return times
 
 
 def run_config(resolution: str, dtype: str, mode: str, iters: int, batch: int, args, device: torch.device) -> dict:
@@ -78,37 +50,31 @@ def run_config(resolution: str, dtype: str, mode: str, iters: int, batch: int, a
         torch.cuda.reset_peak_memory_stats(device)
     try:
         compile_started = time.perf_counter()
-        tracker.track_grid(frames, args.grid)  # compiles / captures outside the timed calls
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        call = functools.partial(tracker.track_grid, frames, args.grid)
+        call()  # compiles / captures outside the timed calls
+        synchronize(device)
         first_call_s = time.perf_counter() - compile_started
-        times = time_call(lambda: tracker.track_grid(frames, args.grid), device, args.warmup, args.repeats)
+        times = [1e3 * seconds for seconds in time_fn(call, device, warmup=args.warmup, repeats=args.repeats)]
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {**row, "status": "out of memory"}
-    ms = statistics.median(times)
+    ms = median(times)
     row.update(status="ok", first_call_s=round(first_call_s, 2), ms_per_batch=round(ms, 3),
                ms_per_clip=round(ms / batch, 3), clips_per_s=round(1e3 * batch / ms, 1),
                achieved_tflops=round(gflop.total * batch / ms, 2),  # GFLOP / ms == TFLOP / s
                ms_min=round(min(times), 3), ms_max=round(max(times), 3))
     if device.type == "cuda":
         row["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2)
-    del tracker, frames
+    del tracker, frames, call
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
-def print_table(rows: list[dict]) -> None:
-    header = (f"{'res':9s} {'dtype':5s} {'mode':14s} {'it':>2s} {'B':>3s} {'GFLOP/clip':>10s} {'ms/clip':>9s} "
-              f"{'clips/s':>8s} {'TFLOP/s':>8s} {'mem GiB':>8s}  status")
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['model_size']:9s} {r['dtype']:5s} {r['mode']:14s} {r['iters']:2d} {r['batch']:3d} "
-              f"{r['gflop_per_clip']:10.1f} {r.get('ms_per_clip', float('nan')):9.2f} "
-              f"{r.get('clips_per_s', float('nan')):8.1f} {r.get('achieved_tflops', float('nan')):8.2f} "
-              f"{r.get('peak_mem_gib', float('nan')):8.2f}  {r['status']}")
+TABLE_COLUMNS = [("model_size", "{}", "res"), ("dtype", "{}"), ("mode", "{}"), ("iters", "{}", "it"),
+                 ("batch", "{}", "B"), ("gflop_per_clip", "{:.1f}", "GFLOP/clip"), ("ms_per_clip", "{:.2f}", "ms/clip"),
+                 ("clips_per_s", "{:.1f}", "clips/s"), ("achieved_tflops", "{:.2f}", "TFLOP/s"),
+                 ("peak_mem_gib", "{:.2f}", "mem GiB"), ("status", "{}")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,15 +128,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {row['model_size']} {dtype} {mode} iters={iters} B={batch}: "
               f"{row.get('ms_per_clip', float('nan')):.2f} ms/clip ({row['status']})", flush=True)
     print()
-    print_table(rows)
+    print_table(rows, TABLE_COLUMNS)
 
-    result = {"device": torch.cuda.get_device_name(device) if on_cuda else platform.processor() or "cpu",
-              "torch": torch.__version__, "python": sys.version.split()[0], "small_cpu_shape": small_cpu_shape,
+    result = {"device": device_name(device), "python": sys.version.split()[0], "small_cpu_shape": small_cpu_shape,
               "frames": args.frames, "frame_size": list(args.frame_size), "queries": args.grid ** 2,
               "warmup": args.warmup, "repeats": args.repeats, "tf32": False, "results": rows}
-    out = Path(args.out or Path(__file__).resolve().parent / "results" / f"tracker_{device_slug(device)}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_results(result, args.out, f"tracker_{device_tag(device)}.json")
     print(f"wrote {out}")
     return 0
 
