@@ -22,13 +22,12 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, device_tag, median, print_table, time_fn, write_results  # noqa: E402
+from common import (LOCAL_RESULTS_DIR, RESULTS_DIR, device_name, device_tag, median, print_table,  # noqa: E402
+                    time_fn, write_results)
 
 from trackmae_stream import kernels  # noqa: E402
 from trackmae_stream.kernels import _triton as triton_support  # noqa: E402
 from trackmae_stream.kernels import gather, masking, motion, pixels  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -173,10 +172,9 @@ def main(argv: list[str] | None = None) -> int:
                        ("speedup_vs_compile", "{:.2f}x")])
     payload = {"device": device_name(device), "shapes": asdict(shapes), "small": small, "notes": notes,
                "copy_bandwidth_gbps": bandwidth, "triton": run_triton, "rows": rows}
-    out = args.out
-    if out is None and device.type != "cuda":  # bench/results holds GPU measurements only
-        out = REPO_ROOT / "runs" / "bench" / "kernels_cpu.json"
-    path = write_results(payload, out, f"kernels_{device_tag(device)}.json")
+    # bench/results holds GPU measurements only
+    path = write_results(payload, args.out, f"kernels_{device_tag(device)}.json",
+                         results_dir=RESULTS_DIR if device.type == "cuda" else LOCAL_RESULTS_DIR)
     print(f"wrote {path}")
     return 0
 
