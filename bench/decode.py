@@ -13,8 +13,9 @@ Test files are generated under a temporary folder (or --work-dir): a 224² H.264
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,8 +23,12 @@ from typing import Callable
 
 import numpy as np
 
-from trackmae_stream.data import VideoClipDataset, VideoRecord, open_video, sample_clip_indices
-from trackmae_stream.data.synthetic import encode_video, ensure_synthetic_dataset, render_clip, sample_clip
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, write_results  # noqa: E402
+
+from trackmae_stream.data import VideoClipDataset, VideoRecord, open_video, sample_clip_indices  # noqa: E402
+from trackmae_stream.data.synthetic import (encode_video, ensure_synthetic_dataset, render_clip,  # noqa: E402
+                                            sample_clip)
 
 CLIP_FRAMES, CLIP_RATE = 16, 4
 
@@ -38,12 +43,8 @@ def _available_decoders() -> list[tuple[str, str, int]]:
     """(label, backend, threads): threads 1 is the DataLoader-worker setting, 0 lets the library choose."""
     rows = [("opencv", "opencv", 1), ("opencv (auto threads)", "opencv", 0), ("pyav", "pyav", 1),
             ("pyav (auto threads)", "pyav", 0)]
-    try:
-        import decord  # noqa: F401
-
+    if importlib.util.find_spec("decord") is not None:  # optional: measured only where installed
         rows += [("decord", "decord", 1), ("decord (auto threads)", "decord", 0)]
-    except ImportError:
-        pass
     return rows
 
 
@@ -129,19 +130,17 @@ def main() -> None:
             for backend, rate in _interleaved_best_rates(works, args.repeats).items():
                 results["pipeline"].append({"decoder": backend, "source": source, "samples_per_s": round(rate, 1)})
 
-    print(f"{'decoder':24s} {'source':40s} {'sequential frames/s':>20s}")
-    for row in results["sequential"]:
-        print(f"{row['decoder']:24s} {row['source']:40s} {row['frames_per_s']:20d}")
-    print(f"\n{'decoder':24s} {'source (16 fr x rate 4 clips)':40s} {'clips/s':>10s} {'frames/s':>10s}")
-    for row in results["clips"]:
-        print(f"{row['decoder']:24s} {row['source']:40s} {row['clips_per_s']:10.1f} {row['frames_per_s']:10d}")
-    print(f"\n{'decoder':24s} {'VideoClipDataset samples':40s} {'samples/s':>10s}")
-    for row in results["pipeline"]:
-        print(f"{row['decoder']:24s} {row['source']:40s} {row['samples_per_s']:10.1f}")
+    print_table(results["sequential"], [("decoder", "{}"), ("source", "{}"),
+                                        ("frames_per_s", "{}", "sequential frames/s")])
+    print()
+    print_table(results["clips"], [("decoder", "{}"), ("source", "{}", "source (16 fr x rate 4 clips)"),
+                                   ("clips_per_s", "{:.1f}", "clips/s"), ("frames_per_s", "{}", "frames/s")])
+    print()
+    print_table(results["pipeline"], [("decoder", "{}"), ("source", "{}", "VideoClipDataset samples"),
+                                      ("samples_per_s", "{:.1f}", "samples/s")])
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
-        print(f"\nwrote {args.out}")
+        path = write_results(results, args.out, "decode.json")
+        print(f"\nwrote {path}")
 
 
 if __name__ == "__main__":
