@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, device_tag, print_table, write_results  # noqa: E402
+from common import device_name, device_tag, print_table, synchronize, write_results  # noqa: E402
 
 from trackmae_stream.data import VideoClipDataset, build_pretrain_loader, read_video_list  # noqa: E402
 from trackmae_stream.data.synthetic import default_cache_dir, ensure_synthetic_dataset  # noqa: E402
@@ -50,9 +50,7 @@ def measure(loader, args) -> dict:
     while done < needed:
         loader.set_epoch(epoch)
         for batch in loader:
-            frames = batch["frames"]
-            if frames.is_cuda:
-                torch.cuda.synchronize(frames.device)
+            synchronize(batch["frames"].device)
             done += 1
             if done == args.warmup:
                 start = time.perf_counter()
