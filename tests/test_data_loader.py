@@ -11,6 +11,7 @@ import torch
 from test_data_helpers import SMALL_SET, bilinear_resize_reference, decode_all_frames, small_synthetic_set
 from trackmae_stream.data import (ResumableDistributedSampler, SkipCounter, TooManySkippedVideosError,
                                   VideoClipDataset, VideoRecord, build_pretrain_loader, read_video_list)
+from trackmae_stream.data.sampler import count_batches
 from trackmae_stream.data.synthetic import encode_video, render_clip, sample_clip
 
 SMALL_CLIP = dict(num_frames=4, sampling_rate=2, input_size=32)
@@ -210,6 +211,17 @@ def test_ranks_partition_the_epoch(num_samples, world_size, drop_last):
     assert list(again) == shares[0]  # same order in every process
     again.set_epoch(1)
     assert list(again) != shares[0]
+
+
+@pytest.mark.parametrize("num_samples, world_size, batch_size, drop_last",
+                         [(23, 3, 2, True), (23, 3, 2, False), (24, 2, 4, True), (24, 2, 4, False), (5, 1, 8, False)])
+def test_batches_per_epoch_is_what_a_data_loader_yields(num_samples, world_size, batch_size, drop_last):
+    sampler = ResumableDistributedSampler(num_samples, rank=world_size - 1, world_size=world_size,
+                                          drop_last=drop_last)
+    batches = list(torch.utils.data.DataLoader(list(range(num_samples)), batch_size=batch_size, sampler=sampler,
+                                               drop_last=drop_last))
+    assert sampler.batches_per_epoch(batch_size, drop_last) == len(batches)
+    assert count_batches(len(sampler), batch_size, drop_last) == len(batches)
 
 
 def test_sampler_resume_continues_the_uninterrupted_order():

@@ -51,7 +51,7 @@ import torch
 from .dataset import CROP, SUBSTITUTE, TEMPORAL, keyed_rng
 from .decode import VideoDecodeError, sample_clip_indices
 from .lists import VideoRecord, read_video_list
-from .sampler import ResumableDistributedSampler
+from .sampler import ResumableDistributedSampler, count_batches
 from .skips import DEFAULT_MAX_SKIP_FRACTION, TooManySkippedVideosError
 from .transforms import DEFAULT_SCALES, sample_crop_and_flip
 
@@ -314,8 +314,7 @@ class _ClipSource:
         self.epoch = epoch
         self.positions = positions
         self.next_batch = 0
-        full, rest = divmod(len(positions), self.batch_size)
-        self.num_batches = full if self.drop_last or rest == 0 else full + 1
+        self.num_batches = count_batches(len(positions), self.batch_size, self.drop_last)
         self.plans.clear()
 
     def stop(self) -> None:
@@ -488,12 +487,10 @@ class DaliClipLoader:
     @property
     def batches_per_epoch(self) -> int:
         """Batches in a full epoch on this shard."""
-        full = self.sampler.samples_per_rank
-        return full // self.batch_size if self.drop_last else -(-full // self.batch_size)
+        return self.sampler.batches_per_epoch(self.batch_size, self.drop_last)
 
     def __len__(self) -> int:
-        remaining = len(self.sampler)
-        return remaining // self.batch_size if self.drop_last else -(-remaining // self.batch_size)
+        return count_batches(len(self.sampler), self.batch_size, self.drop_last)
 
     @property
     def num_dropped(self) -> int:

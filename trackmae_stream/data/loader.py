@@ -67,8 +67,7 @@ class PretrainLoader:
     @property
     def batches_per_epoch(self) -> int:
         """Batches in a full epoch on this rank (the epoch's length before any resume offset)."""
-        full = self.sampler.samples_per_rank
-        return full // self.batch_size if self.loader.drop_last else -(-full // self.batch_size)
+        return self.sampler.batches_per_epoch(self.batch_size, self.loader.drop_last)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return iter(self.loader)

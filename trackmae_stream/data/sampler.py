@@ -8,6 +8,12 @@ import torch
 from torch.utils.data import Sampler
 
 
+def count_batches(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches of `batch_size` that `num_samples` samples make: the full ones, plus a partial last one unless
+    drop_last."""
+    return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+
+
 class ResumableDistributedSampler(Sampler[int]):
     """DistributedSampler semantics (rank r takes positions r, r + world_size, ... of one epoch permutation) plus
     `set_start`, which makes the next iteration begin at a given batch of the rank's share.
@@ -50,6 +56,10 @@ class ResumableDistributedSampler(Sampler[int]):
             raise ValueError(f"cannot start at batch {batch_index} of size {batch_size}: this rank has "
                              f"{self.samples_per_rank} samples per epoch")
         self.start = start
+
+    def batches_per_epoch(self, batch_size: int, drop_last: bool) -> int:
+        """Batches of `batch_size` in a full epoch of this rank (ignoring `start`); `drop_last` is the batching's."""
+        return count_batches(self.samples_per_rank, batch_size, drop_last)
 
     def epoch_indices(self, epoch: int) -> list[int]:
         """This rank's full share of `epoch`, ignoring `start`."""
