@@ -62,6 +62,7 @@ def test_default_trains_loss_falls_and_leaves_checkpoint(synthetic, tmp_path):
     assert summary.last_checkpoint is not None and summary.last_checkpoint.name == "checkpoint-00000024.pt"
     state = load_checkpoint(summary.last_checkpoint)
     assert state["step"] == 24 and "rng" in state and "optimizer" in state
+    assert state["scheduler"]["total_steps"] == 24 and state["scheduler"]["warmup_steps"] == 1
     assert (summary.run_dir / "config.yaml").is_file()
     assert any((summary.run_dir / "tensorboard").iterdir())
     # the log says whether the model beat predicting zeros, per target

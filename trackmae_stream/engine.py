@@ -7,6 +7,7 @@ states; masks and augmentations are keyed by (seed, epoch/step, index), so a res
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import sys
 import time
@@ -210,6 +211,10 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+        saved_schedule = state.get("scheduler")
+        if saved_schedule is not None and saved_schedule != dataclasses.asdict(self.schedule):
+            log.warning("%s was trained with the schedule %s; continuing with %s (changed epochs, lr or batch?)", path,
+                        saved_schedule, dataclasses.asdict(self.schedule))
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.loss_history = list(state.get("loss_history", []))
@@ -232,6 +237,7 @@ class Trainer:
             "model": self.raw_model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict(),
+            "scheduler": dataclasses.asdict(self.schedule),  # stateless (a function of the step); kept to compare
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
