@@ -13,7 +13,7 @@ Test files are generated under a temporary folder (or --work-dir): a 224² H.264
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import platform
 import sys
 import tempfile
@@ -43,9 +43,11 @@ def _available_decoders() -> list[tuple[str, str, int]]:
     """(label, backend, threads): threads 1 is the DataLoader-worker setting, 0 lets the library choose."""
     rows = [("opencv", "opencv", 1), ("opencv (auto threads)", "opencv", 0), ("pyav", "pyav", 1),
             ("pyav (auto threads)", "pyav", 0)]
-    if importlib.util.find_spec("decord") is not None:  # optional: measured only where installed
-        rows += [("decord", "decord", 1), ("decord (auto threads)", "decord", 0)]
-    return rows
+    try:  # decord is optional: measured only where it imports
+        importlib.import_module("decord")
+    except ImportError:
+        return rows
+    return rows + [("decord", "decord", 1), ("decord (auto threads)", "decord", 0)]
 
 
 def _read(backend: str, threads: int, path: Path, indices: np.ndarray | None) -> int:

@@ -36,6 +36,7 @@ already prefetched (at most `prefetch`).
 from __future__ import annotations
 
 import collections
+import importlib
 import json
 import logging
 import os
@@ -92,9 +93,12 @@ class VideoProbe:
 
 
 def pyav_available() -> bool:
-    """PyAV is optional (the GPU image lacks it): without it probing falls back to OpenCV, header-level only."""
+    """PyAV is optional (the GPU image lacks it): without it probing falls back to OpenCV, header-level only.
+
+    An import probe (not just `importlib.util.find_spec`): an installed PyAV that fails to import counts as absent.
+    """
     try:
-        import av  # noqa: F401
+        importlib.import_module("av")
     except ImportError:
         return False
     return True
