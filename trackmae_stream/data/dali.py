@@ -2,10 +2,10 @@
 only plans each clip.
 
 The plan (which video, which frames, which crop, whether to flip) is drawn on the host with the CPU loader's own
-functions and keys (`ResumableDistributedSampler`, `sample_clip_indices`, `sample_crop_and_flip`, `keyed_rng`), so
-with no dropped videos a DALI batch asks for exactly the frames, crops and flips the CPU loader (`VideoClipDataset`)
-would; only the decoders' colour conversion and the
-resize kernels differ. Per batch the host reads each video file's bytes and hands them to DALI through
+functions and keys (`ResumableDistributedSampler`, and the data set's keyed draws `draw_frame_indices`,
+`draw_crop_and_flip`, `draw_substitute`), so with no dropped videos a DALI batch asks for exactly the frames, crops
+and flips the CPU loader (`VideoClipDataset`) would; only the decoders' colour conversion and the resize kernels
+differ. Per batch the host reads each video file's bytes and hands them to DALI through
 `fn.external_source`; `fn.decoders.video` decodes just the planned frames (device "mixed" for the GPU: NVDEC), and one
 `fn.resize` per repeat does crop + resize (+ flip, via a reversed region of interest) in a single pass.
 
@@ -49,12 +49,12 @@ import cv2
 import numpy as np
 import torch
 
-from .dataset import CROP, SUBSTITUTE, TEMPORAL, keyed_rng
-from .decode import VideoDecodeError, sample_clip_indices
+from .dataset import draw_crop_and_flip, draw_frame_indices, draw_substitute
+from .decode import VideoDecodeError
 from .lists import VideoRecord, read_video_list
 from .sampler import ResumableDistributedSampler, count_batches
 from .skips import DEFAULT_MAX_SKIP_FRACTION, TooManySkippedVideosError
-from .transforms import DEFAULT_SCALES, sample_crop_and_flip
+from .transforms import DEFAULT_SCALES
 
 try:  # DALI is optional (setup.py extra "dali"): the module imports without it and says so when used
     from nvidia.dali import fn, pipeline_def, types
@@ -354,8 +354,8 @@ class _ClipSource:
                     f"sample {index}: {attempt + 1} videos in a row are unusable (last: {self.records[source].path}: "
                     f"{reason}); {len(candidates)} usable videos left; check the list and the data root")
             skipped[attempt] = source
-            rng = keyed_rng(self.config.seed, self.epoch, index, attempt, SUBSTITUTE)
-            source = candidates[int(rng.integers(len(candidates)))]
+            source = candidates[draw_substitute(len(candidates), seed=self.config.seed, epoch=self.epoch, index=index,
+                                                attempt=attempt)]
         raise AssertionError("unreachable")
 
     def plan_sample(self, index: int, source: int) -> tuple[np.ndarray, list[tuple[np.ndarray, np.ndarray]],
@@ -366,14 +366,13 @@ class _ClipSource:
         """
         c = self.config
         probe = self.probes[source]
-        frame_ids = sample_clip_indices(probe.num_frames, c.num_frames, c.sampling_rate,
-                                        keyed_rng(c.seed, self.epoch, index, 0, TEMPORAL))
+        key = dict(seed=c.seed, epoch=self.epoch, index=index, attempt=0)
+        frame_ids = draw_frame_indices(probe.num_frames, c.num_frames, c.sampling_rate, **key)
         rois, boxes, flips = [], np.empty((c.num_sample, 4), np.int64), np.zeros(c.num_sample, bool)
         for repeat in range(c.num_sample):
-            box, flips[repeat] = sample_crop_and_flip(
-                probe.width, probe.height, c.input_size, keyed_rng(c.seed, self.epoch, index, 0, CROP, repeat),
-                scales=c.scales, max_distort=c.max_distort, fix_crop=c.fix_crop, more_fix_crop=c.more_fix_crop,
-                flip=c.flip)
+            box, flips[repeat] = draw_crop_and_flip(
+                probe.width, probe.height, c.input_size, **key, repeat=repeat, scales=c.scales,
+                max_distort=c.max_distort, fix_crop=c.fix_crop, more_fix_crop=c.more_fix_crop, flip=c.flip)
             boxes[repeat] = (box.x, box.y, box.width, box.height)
             left, right = (box.x + box.width, box.x) if flips[repeat] else (box.x, box.x + box.width)
             # A region of interest whose start exceeds its end is read mirrored: crop, resize and flip in one pass.

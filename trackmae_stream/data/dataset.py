@@ -14,15 +14,14 @@ import torch
 
 from .decode import DEFAULT_DECODER, DECODERS, ShortReadError, VideoDecodeError, open_video, sample_clip_indices
 from .lists import VideoRecord
-from .transforms import DEFAULT_SCALES, crop_resize_flip, sample_crop_and_flip
+from .transforms import DEFAULT_SCALES, CropBox, crop_resize_flip, sample_crop_and_flip
 
 logger = logging.getLogger(__name__)
 
 #: A header may overstate the frame count by this much (WebM derives it from the duration) before the video is
 #: called truncated; within it, the clip is re-sampled from the frames that really decode.
 FRAME_COUNT_TOLERANCE = 2
-#: Purposes of the keyed generators (part of the key). Other loaders (DALI) that must draw the same clips use
-#: `keyed_rng` with these.
+#: Purposes of the keyed generators (part of the key).
 TEMPORAL, CROP, SUBSTITUTE = 0, 1, 2
 
 
@@ -30,6 +29,29 @@ def keyed_rng(seed: int, epoch: int, index: int, attempt: int, purpose: int, rep
     """The generator of one draw, keyed by [seed, epoch, index, attempt, purpose, repeat] (attempt: how many videos
     already failed for this sample; repeat: which of the num_sample augmentations)."""
     return np.random.default_rng([seed, epoch, index, attempt, purpose, repeat])
+
+
+# The data set's three keyed draws. Other loaders that must draw the same clips (DALI) call these.
+
+def draw_frame_indices(num_available: int, num_frames: int, sampling_rate: int, *, seed: int, epoch: int, index: int,
+                       attempt: int) -> np.ndarray:
+    """Source frame numbers of sample `index`'s clip from a video of `num_available` frames (`sample_clip_indices`)."""
+    return sample_clip_indices(num_available, num_frames, sampling_rate,
+                               keyed_rng(seed, epoch, index, attempt, TEMPORAL))
+
+
+def draw_crop_and_flip(image_width: int, image_height: int, input_size: int, *, seed: int, epoch: int, index: int,
+                       attempt: int, repeat: int, scales: Sequence[float], max_distort: int, fix_crop: bool,
+                       more_fix_crop: bool, flip: bool) -> tuple[CropBox, bool]:
+    """Crop and flip of augmentation `repeat` of sample `index` (`sample_crop_and_flip`)."""
+    return sample_crop_and_flip(image_width, image_height, input_size,
+                                keyed_rng(seed, epoch, index, attempt, CROP, repeat), scales=scales,
+                                max_distort=max_distort, fix_crop=fix_crop, more_fix_crop=more_fix_crop, flip=flip)
+
+
+def draw_substitute(num_candidates: int, *, seed: int, epoch: int, index: int, attempt: int) -> int:
+    """Which of `num_candidates` records replaces the video that failed at `attempt` of sample `index`."""
+    return int(keyed_rng(seed, epoch, index, attempt, SUBSTITUTE).integers(num_candidates))
 
 
 class VideoClipDataset(torch.utils.data.Dataset):
@@ -88,7 +110,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         """Epoch used for plain integer keys (the loader passes the epoch with every key instead)."""
         self.epoch = epoch
 
-    def _decode(self, record: VideoRecord, rng_key: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    def _decode(self, record: VideoRecord, epoch: int, index: int, attempt: int) -> tuple[np.ndarray, np.ndarray]:
         """Frames (T, H, W, 3) and their indices for one record; VideoDecodeError when it cannot be used."""
         with open_video(record.path, self.decoder, threads=self.decoder_threads) as reader:
             available = reader.num_frames
@@ -96,8 +118,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 if available < self.num_frames:
                     raise VideoDecodeError(record.path, f"too short: {available} frames < num_frames "
                                                         f"{self.num_frames}")
-                indices = sample_clip_indices(available, self.num_frames, self.sampling_rate,
-                                              keyed_rng(self.seed, *rng_key, TEMPORAL))
+                indices = draw_frame_indices(available, self.num_frames, self.sampling_rate, seed=self.seed,
+                                             epoch=epoch, index=index, attempt=attempt)
                 try:
                     return reader.read(indices), indices
                 except ShortReadError as error:
@@ -122,7 +144,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         source = index
         for attempt in range(self.max_retries + 1):
             try:
-                frames, indices = self._decode(self.records[source], (epoch, index, attempt))
+                frames, indices = self._decode(self.records[source], epoch, index, attempt)
                 break
             except VideoDecodeError as error:
                 self._warn_once(error)
@@ -133,7 +155,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
                         + "; ".join(str(f) for f in failures)
                         + ". Check the list file and the data root.") from error
                 skipped[attempt] = source
-                source = int(keyed_rng(self.seed, epoch, index, attempt, SUBSTITUTE).integers(len(self.records)))
+                source = draw_substitute(len(self.records), seed=self.seed, epoch=epoch, index=index, attempt=attempt)
 
         height, width = frames.shape[1:3]
         size = self.input_size
@@ -141,9 +163,10 @@ class VideoClipDataset(torch.utils.data.Dataset):
         boxes = np.empty((self.num_sample, 4), dtype=np.int64)
         flipped = np.zeros(self.num_sample, dtype=bool)
         for repeat in range(self.num_sample):
-            box, flipped[repeat] = sample_crop_and_flip(
-                width, height, size, keyed_rng(self.seed, epoch, index, attempt, CROP, repeat), scales=self.scales,
-                max_distort=self.max_distort, fix_crop=self.fix_crop, more_fix_crop=self.more_fix_crop, flip=self.flip)
+            box, flipped[repeat] = draw_crop_and_flip(
+                width, height, size, seed=self.seed, epoch=epoch, index=index, attempt=attempt, repeat=repeat,
+                scales=self.scales, max_distort=self.max_distort, fix_crop=self.fix_crop,
+                more_fix_crop=self.more_fix_crop, flip=self.flip)
             clips[repeat] = crop_resize_flip(frames, box, size, flip=bool(flipped[repeat]))
             boxes[repeat] = (box.x, box.y, box.width, box.height)
         label = self.records[source].label
