@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_name, device_tag, median, print_table, synchronize, write_results  # noqa: E402
+from common import device_name, device_tag, print_table, synchronize, write_results  # noqa: E402
 
 from trackmae_stream.config import load_config, motion_weight, tokens_per_side  # noqa: E402
 from trackmae_stream.engine import build_model, compute_losses  # noqa: E402
