@@ -29,6 +29,6 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130>=2.4"],
         "xformers": ["xformers==0.0.35"],
-        "test": ["pytest>=8", "pytest-timeout>=2.3"],
+        "test": ["pytest>=8", "pytest-timeout>=2.3", "scipy>=1.11"],
     },
 )
