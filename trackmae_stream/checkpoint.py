@@ -12,7 +12,7 @@ import random
 import re
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -62,6 +62,24 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if missing:
         raise CheckpointError(f"{path}: missing sections {missing}")
     return state
+
+
+def state_dict_problems(expected: Mapping[str, Any], given: Mapping[str, Any],
+                        allow_missing_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """What keeps `given` from loading strictly where `expected` (a model's state_dict) is: missing keys, unexpected
+    keys and shape mismatches, each as a message part listing the keys. Empty when it fits."""
+    missing = sorted(k for k in expected if k not in given and not k.startswith(allow_missing_prefixes))
+    unexpected = sorted(k for k in given if k not in expected)
+    mismatched = sorted(f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+                        for k in given if k in expected and tuple(given[k].shape) != tuple(expected[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s): {missing}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s): {unexpected}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatch(es): {mismatched}")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------------------------------

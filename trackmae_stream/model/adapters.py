@@ -117,19 +117,10 @@ def load_model_state(model: nn.Module, state: Mapping, *, source: str = "checkpo
     """Load any supported format into `model`, strictly: missing keys, unexpected keys and shape mismatches are an
     error that lists them. `allow_missing_prefixes` admits deliberate gaps (e.g. ("motion_",) to start TrackMAE from
     a VideoMAE checkpoint with a fresh motion decoder). Returns the detected format."""
+    from ..checkpoint import state_dict_problems
+
     sd, fmt = to_native(unwrap_checkpoint(state), fmt)
-    expected = model.state_dict()
-    missing = sorted(k for k in expected if k not in sd and not k.startswith(allow_missing_prefixes))
-    unexpected = sorted(k for k in sd if k not in expected)
-    wrong_shape = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(expected[k].shape)}"
-                         for k in sd if k in expected and sd[k].shape != expected[k].shape)
-    problems = []
-    if missing:
-        problems.append(f"missing keys ({len(missing)}): {missing}")
-    if unexpected:
-        problems.append(f"unexpected keys ({len(unexpected)}): {unexpected}")
-    if wrong_shape:
-        problems.append(f"shape mismatches ({len(wrong_shape)}): {wrong_shape}")
+    problems = state_dict_problems(model.state_dict(), sd, allow_missing_prefixes)
     if problems:
         raise StateDictError(f"{source} ({fmt} format) does not fit the model: " + "; ".join(problems))
     model.load_state_dict(sd, strict=not allow_missing_prefixes)

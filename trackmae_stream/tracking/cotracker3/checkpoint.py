@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor
 
+from ...checkpoint import state_dict_problems
 from .model import CoTrackerThreeBase, CoTrackerThreeOffline, CoTrackerThreeOnline
 
 log = logging.getLogger(__name__)
@@ -105,19 +106,7 @@ def read_state_dict(source: str | os.PathLike, *, sha256: str | None = None, var
 
 def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, Tensor], source: str = "state_dict") -> None:
     """Raise CheckpointError listing every missing key, unexpected key and shape mismatch (names `source`)."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    mismatched = sorted(f"{key}: checkpoint {tuple(state_dict[key].shape)} vs model {tuple(expected[key].shape)}"
-                        for key in set(expected) & set(state_dict)
-                        if tuple(state_dict[key].shape) != tuple(expected[key].shape))
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} missing key(s): {missing}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} unexpected key(s): {unexpected}")
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): {mismatched}")
+    problems = state_dict_problems(model.state_dict(), state_dict)
     if problems:
         raise CheckpointError(f"checkpoint {source} does not match {type(model).__name__}: " + "; ".join(problems))
 
