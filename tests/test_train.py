@@ -212,3 +212,31 @@ def test_trains_with_cotracker3_checkpoint_and_clip_target(synthetic, tmp_path):
     (logged,) = [r for r in records if "loss" in r]
     assert logged["loss"] == pytest.approx(logged["loss_spatial"] + 0.25 * logged["loss_motion"], rel=1e-6)
     assert load_checkpoint(summary.last_checkpoint)["model"]["decoder.head.weight"].shape[0] == 192
+
+
+def test_linear_probe_of_a_trained_checkpoint(tmp_path, capsys):
+    from trackmae_stream.probe import main as probe_main, run_probe
+
+    # 4 clips per class, so that the held-out split is not empty
+    synthetic = ensure_synthetic_dataset(tmp_path / "syn32", num_videos=32, size=64, num_frames=20)
+    args = tiny(synthetic, tmp_path, **{"optim.max_steps": 2, "run_name": "probe", "data.synthetic_videos": 32})
+    summary = train(load_config("default", args))
+    trained = run_probe(summary.last_checkpoint)
+    baseline = run_probe(summary.last_checkpoint, random_init=True)
+    n_train = len(synthetic.list_file.read_text().split())
+    assert trained.num_train == n_train // 2 and trained.num_val == len(synthetic.val_list_file.read_text().split()) // 2
+    assert 0.0 <= trained.top1 <= 1.0 and trained.num_classes == len(synthetic.class_names)
+    assert (trained.train_top1, trained.top1) != (baseline.train_top1, baseline.top1) or trained != baseline
+    out = tmp_path / "probe.json"
+    assert probe_main([str(summary.last_checkpoint), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["num_val"] == trained.num_val
+    # a list-trained checkpoint needs explicit lists; wrong weights are refused naming the keys
+    state = load_checkpoint(summary.last_checkpoint)
+    state["config"]["data"]["source"] = "list"
+    listed = tmp_path / "listed.pt"
+    torch.save(state, listed)
+    assert probe_main([str(listed)]) == 1 and "--train-list" in capsys.readouterr().err
+    state["config"]["model"]["embed_dim"] = 96
+    torch.save(state, listed)
+    args = [str(listed), "--train-list", str(synthetic.list_file), "--val-list", str(synthetic.val_list_file)]
+    assert probe_main(args) == 1 and "shape mismatch" in capsys.readouterr().err

@@ -1,0 +1,169 @@
+"""Linear probe of a pretrained encoder: frozen features, a logistic-regression head, top-1 on a held-out list.
+
+  python -m trackmae_stream.probe runs/<run>/checkpoints/checkpoint-00000060.pt            # the run's own data set
+  python -m trackmae_stream.probe CKPT --train-list train.csv --val-list val.csv --root /data/videos
+
+Features are the encoder's output tokens (all tokens of a full-frame clip, after its final norm) averaged over
+tokens, standardised with the training set's statistics; the head is fitted full-batch with L-BFGS and weight decay,
+so the result is deterministic. On the synthetic set the classes are motion directions and rotation senses, so the
+probe measures how much motion the encoder represents. `--random-init` probes the same architecture untrained, the
+baseline any pretraining must beat.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .checkpoint import CheckpointError, load_checkpoint, state_dict_problems
+from .config import config_from_dict
+from .data import (VideoClipDataset, VideoListError, build_pretrain_loader, ensure_synthetic_dataset, normalize_clip,
+                   read_video_list)
+from .model.adapters import StateDictError, to_native, unwrap_checkpoint
+from .model.vit import VideoEncoder
+
+
+@dataclass
+class ProbeResult:
+    top1: float  # validation accuracy
+    train_top1: float
+    num_train: int
+    num_val: int
+    num_classes: int
+    weight_decay: float
+    head: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
+    """(weight (D, C), bias (C,), feature mean, feature std): logits = ((x - mean) / std) @ weight + bias."""
+
+    def summary(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if k != "head"}
+
+
+@torch.no_grad()
+def extract_features(encoder: VideoEncoder, loader, device: torch.device, mean: tuple, std: tuple) -> tuple[Tensor,
+                                                                                                            Tensor]:
+    """Mean-pooled encoder features (N, D) float32 and labels (N,) of every clip the loader yields."""
+    encoder.eval()
+    feats, labels = [], []
+    for batch in loader:
+        clip = normalize_clip(batch["frames"].to(device), mean, std)
+        feats.append(encoder.forward_video(clip).mean(dim=1).float().cpu())
+        labels.append(batch["label"])
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_linear_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, *,
+                     weight_decay: float = 1e-3, max_iter: int = 200) -> ProbeResult:
+    """Multinomial logistic regression on standardised features (L-BFGS, float64, deterministic)."""
+    num_classes = int(max(train_y.max(), val_y.max())) + 1
+    mu, sigma = train_x.double().mean(0), train_x.double().std(0).clamp_min(1e-6)
+    xs, xv = (train_x.double() - mu) / sigma, (val_x.double() - mu) / sigma
+    weight = torch.zeros(xs.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(num_classes, dtype=torch.float64, requires_grad=True)
+    # tight tolerances: the objective is convex and float64, so run to its optimum (the result is then unique)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=max_iter, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-10, tolerance_change=1e-14)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(xs @ weight + bias, train_y) + weight_decay * weight.square().sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        train_top1 = ((xs @ weight + bias).argmax(1) == train_y).double().mean().item()
+        top1 = ((xv @ weight + bias).argmax(1) == val_y).double().mean().item()
+    return ProbeResult(top1=top1, train_top1=train_top1, num_train=len(train_y), num_val=len(val_y),
+                       num_classes=num_classes, weight_decay=weight_decay,
+                       head=(weight.detach(), bias.detach(), mu, sigma))
+
+
+def build_encoder(cfg) -> VideoEncoder:
+    """The encoder a config trains (no decoders, no teacher)."""
+    m, d = cfg.model, cfg.data
+    num_tokens = (d.num_frames // m.tubelet_size) * (d.input_size // m.patch_size) ** 2
+    return VideoEncoder(num_tokens=num_tokens, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
+                        mlp_ratio=m.mlp_ratio, patch_size=m.patch_size, tubelet_size=m.tubelet_size, drop_path=0.0)
+
+
+def load_encoder_state(encoder: VideoEncoder, weights, source: str) -> None:
+    """The `encoder.*` part of a checkpoint in any supported layout, strictly."""
+    native, _ = to_native(unwrap_checkpoint(weights))
+    encoder_sd = {k[len("encoder."):]: v for k, v in native.items() if k.startswith("encoder.")}
+    problems = state_dict_problems(encoder.state_dict(), encoder_sd)
+    if problems:
+        raise StateDictError(f"{source}: the encoder weights do not fit: " + "; ".join(problems))
+    encoder.load_state_dict(encoder_sd)
+
+
+def _clip_loader(records, cfg, batch_size: int, workers: int):
+    """Deterministic full-frame clips (no multi-scale crop, no flip): the same clip for a video every time."""
+    d = cfg.data
+    dataset = VideoClipDataset(records, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
+                               input_size=d.input_size, scales=(1.0,), flip=False, decoder=d.decoder, seed=cfg.seed)
+    return build_pretrain_loader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, drop_last=False)
+
+
+def run_probe(checkpoint: str | Path, *, train_list: str | None = None, val_list: str | None = None,
+              root: str | None = None, random_init: bool = False, batch_size: int = 8, workers: int = 0,
+              weight_decay: float = 1e-3, device: str = "auto") -> ProbeResult:
+    state = load_checkpoint(checkpoint)
+    cfg = config_from_dict(state["config"], check=False)
+    if train_list is None or val_list is None:
+        if cfg.data.source != "synthetic":
+            raise ValueError("give --train-list and --val-list: the checkpoint was not trained on the synthetic set")
+        synthetic = ensure_synthetic_dataset(Path(cfg.data.synthetic_dir).expanduser() if cfg.data.synthetic_dir
+                                             else None, num_videos=cfg.data.synthetic_videos,
+                                             size=cfg.data.synthetic_size, num_frames=cfg.data.synthetic_frames)
+        train_list, val_list, root = synthetic.list_file, synthetic.val_list_file, synthetic.root
+    train_records, val_records = read_video_list(train_list, root), read_video_list(val_list, root)
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+
+    encoder = build_encoder(cfg)
+    if not random_init:
+        load_encoder_state(encoder, state["model"], source=str(checkpoint))
+    encoder = encoder.to(dev)
+    mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
+    train_x, train_y = extract_features(encoder, _clip_loader(train_records, cfg, batch_size, workers), dev, mean, std)
+    val_x, val_y = extract_features(encoder, _clip_loader(val_records, cfg, batch_size, workers), dev, mean, std)
+    return fit_linear_probe(train_x, train_y, val_x, val_y, weight_decay=weight_decay)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trackmae_stream.probe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint")
+    parser.add_argument("--train-list")
+    parser.add_argument("--val-list")
+    parser.add_argument("--root")
+    parser.add_argument("--random-init", action="store_true", help="probe the untrained architecture (baseline)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--weight-decay", type=float, default=1e-3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    try:
+        result = run_probe(args.checkpoint, train_list=args.train_list, val_list=args.val_list, root=args.root,
+                           random_init=args.random_init, batch_size=args.batch_size, workers=args.workers,
+                           weight_decay=args.weight_decay, device=args.device)
+    except (CheckpointError, StateDictError, VideoListError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"linear probe{' (random init)' if args.random_init else ''}: top-1 {result.top1:.1%} on {result.num_val} "
+          f"validation clips ({result.num_classes} classes; train top-1 {result.train_top1:.1%} on {result.num_train})")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "random_init": args.random_init,
+                                              **result.summary()}, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
