@@ -105,7 +105,8 @@ def main(argv=None) -> int:
             for i in range(args.steps):
                 preparer(host[i], i)
         else:
-            batches = StreamingPrefetcher(host, preparer, start_step=0, timer=timer, overlap=(phase == "overlapped"))
+            stream = torch.cuda.Stream(device) if phase == "overlapped" else None
+            batches = StreamingPrefetcher(host, preparer, start_step=0, timer=timer, stream=stream)
             for _ in range(args.warmup):
                 train_step(next(batches))
             synchronize(device)
