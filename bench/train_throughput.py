@@ -23,15 +23,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, device_tag, print_table, synchronize, write_results  # noqa: E402
 
-from trackmae_stream.config import load_config, motion_weight, tokens_per_side  # noqa: E402
+from trackmae_stream.config import load_config, motion_weight  # noqa: E402
 from trackmae_stream.engine import build_model, compute_losses  # noqa: E402
-from trackmae_stream.masking import MaskGenerator  # noqa: E402
 from trackmae_stream.metrics import IntervalTimer, peak_tflops  # noqa: E402
 from trackmae_stream.model import forward_flops, resolve_backend  # noqa: E402
 from trackmae_stream.optim import build_optimizer  # noqa: E402
-from trackmae_stream.pipeline import BatchPreparer, StreamingPrefetcher  # noqa: E402
-from trackmae_stream.targets import TargetBuilder  # noqa: E402
-from trackmae_stream.tracking import build_tracker  # noqa: E402
+from trackmae_stream.pipeline import StreamingPrefetcher, build_batch_preparer  # noqa: E402
 
 
 def random_batches(cfg, device: torch.device, count: int):
@@ -61,13 +58,9 @@ def main(argv=None) -> int:
     else:
         print("no CUDA device: running on CPU at the preset's shapes (use --preset default for a quick look)")
 
-    targets = TargetBuilder(cfg).to(device)
-    side = tokens_per_side(cfg)
-    masks = MaskGenerator(cfg.mask, tokens_per_frame=side * side, num_slots=cfg.data.num_frames // cfg.model.tubelet_size,
-                          seed=cfg.seed, rank=0)
-    tracker = build_tracker(cfg.tracker, device) if (cfg.target.motion or cfg.mask.type == "motion") else None
-    preparer = BatchPreparer(cfg, tracker, targets, masks, device)
-    model = build_model(cfg, targets).to(device)
+    preparer = build_batch_preparer(cfg, device)
+    masks, tracker = preparer.masks, preparer.tracker
+    model = build_model(cfg, preparer.targets).to(device)
     backend = resolve_backend(cfg.model.attention, device)
     model.set_attention_backend(backend)
     optimizer = build_optimizer(model, cfg.optim, 1e-4)

@@ -6,20 +6,14 @@ import pytest
 import torch
 
 from trackmae_stream.config import load_config
-from trackmae_stream.masking import MaskGenerator
 from trackmae_stream.metrics import IntervalTimer
-from trackmae_stream.pipeline import BatchPreparer, StreamingPrefetcher
-from trackmae_stream.targets import TargetBuilder
-from trackmae_stream.tracking import build_tracker
+from trackmae_stream.pipeline import BatchPreparer, StreamingPrefetcher, build_batch_preparer
 
 OVERRIDES = ["data.num_frames=8", "data.input_size=64", "batch_size=3"]
 
 
 def make_preparer(device: torch.device, extra: list[str] | None = None) -> BatchPreparer:
-    cfg = load_config("default", OVERRIDES + (extra or []))
-    masks = MaskGenerator(cfg.mask, tokens_per_frame=16, num_slots=4, seed=5, rank=0)
-    tracker = build_tracker(cfg.tracker, device)
-    return BatchPreparer(cfg, tracker, TargetBuilder(cfg).to(device), masks, device)
+    return build_batch_preparer(load_config("default", OVERRIDES + ["seed=5"] + (extra or [])), device)
 
 
 def host_batches(count: int, seed: int = 0) -> list[dict]:

@@ -23,16 +23,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, kernels
 from .checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from .config import ConfigError, TrainConfig, motion_weight, save_config, to_dict, tokens_per_side, tracker_grid_size
+from .config import ConfigError, TrainConfig, motion_weight, save_config, to_dict, tracker_grid_size
 from .data_setup import DataSetup, build_data
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
-from .masking import MaskGenerator
 from .metrics import IntervalTimer, MetricLogger, format_record, memory_gib, peak_tflops
 from .model import TrackMAE, TrackMAEShape, count_parameters, describe, forward_flops, resolve_backend
 from .optim import CosineSchedule, build_optimizer, peak_lr, set_lr
-from .pipeline import BatchPreparer, StreamingPrefetcher, TrainBatch
+from .pipeline import StreamingPrefetcher, TrainBatch, build_batch_preparer
 from .targets import TargetBuilder
-from .tracking import build_tracker
 
 log = logging.getLogger("trackmae_stream")
 
@@ -120,14 +118,8 @@ class Trainer:
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
 
         # tracking, targets, masks
-        self.targets = TargetBuilder(cfg).to(self.device)
-        side = tokens_per_side(cfg)
-        self.masks = MaskGenerator(cfg.mask, tokens_per_frame=side * side,
-                                   num_slots=cfg.data.num_frames // cfg.model.tubelet_size, seed=cfg.seed,
-                                   rank=self.dist.rank)
-        needs_tracks = cfg.target.motion or cfg.mask.type == "motion"
-        self.tracker = build_tracker(cfg.tracker, self.device) if needs_tracks else None
-        self.preparer = BatchPreparer(cfg, self.tracker, self.targets, self.masks, self.device)
+        self.preparer = build_batch_preparer(cfg, self.device, rank=self.dist.rank)
+        self.targets, self.masks, self.tracker = self.preparer.targets, self.preparer.masks, self.preparer.tracker
         # One preparation stream for the whole run: the caching allocator keeps a pool per stream.
         self.side_stream = torch.cuda.Stream(self.device) if cuda and cfg.tracker.overlap else None
 

@@ -16,11 +16,11 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .config import TrainConfig, tracker_grid_size
+from .config import TrainConfig, tokens_per_side, tracker_grid_size
 from .masking import MaskGenerator
 from .metrics import IntervalTimer
 from .targets import TargetBuilder
-from .tracking import PointTracker
+from .tracking import PointTracker, build_tracker
 
 
 @dataclass
@@ -65,7 +65,7 @@ class BatchPreparer:
 
     @property
     def needs_tracks(self) -> bool:
-        return self.cfg.target.motion or self.masks.needs_motion
+        return self.tracker is not None
 
     def track(self, frames_u8: Tensor) -> Tensor:
         """Tracks (B, T', G², 2) of the query grid over the first frame of every tubelet, in clip pixels."""
@@ -86,6 +86,16 @@ class BatchPreparer:
         return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=mask.masked_idx,
                           spatial_target=self.targets.spatial(frames, mask.masked_idx), motion_target=motion_target,
                           skipped=batch.get("skipped"), source_index=batch.get("source_index"))
+
+
+def build_batch_preparer(cfg: TrainConfig, device: torch.device, rank: int = 0) -> BatchPreparer:
+    """Targets, masks and (when the motion target or motion-aware masking needs tracks) the tracker of a config,
+    wired into one preparer; its `targets`, `masks` and `tracker` stay reachable for the model and the run log."""
+    side = tokens_per_side(cfg)
+    masks = MaskGenerator(cfg.mask, tokens_per_frame=side * side,
+                          num_slots=cfg.data.num_frames // cfg.model.tubelet_size, seed=cfg.seed, rank=rank)
+    tracker = build_tracker(cfg.tracker, device) if (cfg.target.motion or masks.needs_motion) else None
+    return BatchPreparer(cfg, tracker, TargetBuilder(cfg).to(device), masks, device)
 
 
 class StreamingPrefetcher:

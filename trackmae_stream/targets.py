@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kernels
-from .config import TrainConfig, tokens_per_side
+from .config import TrainConfig, tokens_per_side, tracker_grid_size
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,7 @@ class TargetBuilder(nn.Module):
     def motion_dim(self) -> int | None:
         if not self.cfg.target.motion:
             return None
-        points_side = self.cfg.tracker.grid_size or self.tokens_side
-        side = points_side * self.cfg.target.upsample // self.tokens_side
+        side = tracker_grid_size(self.cfg) * self.cfg.target.upsample // self.tokens_side
         return 2 * side * side
 
     def motion(self, tracks: Tensor) -> tuple[Tensor, Tensor]:
