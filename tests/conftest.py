@@ -33,6 +33,17 @@ def reference_path(relative: str) -> Path:
     return path
 
 
+def reference_sets(stem: str) -> list[str]:
+    """Letters of the vector sets present for `stem` (e.g. "targets/bins" -> bins_a.npz, bins_b.npz, ...).
+
+    The development set A ships with the reference; a hold-out set (B, ...) dropped beside it with the same key
+    layout is picked up by the same tests. With nothing present, ["a"] so that the tests skip via reference_path.
+    """
+    folder, name = (REFERENCE_DIR / stem).parent, Path(stem).name
+    found = sorted(p.stem[len(name) + 1:] for p in folder.glob(f"{name}_*.npz")) if folder.is_dir() else []
+    return found or ["a"]
+
+
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:
         return

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from conftest import reference_path
+from conftest import reference_path, reference_sets
 
 from trackmae_stream import kernels
 from trackmae_stream.kernels import _triton as triton_support
@@ -17,15 +17,21 @@ from trackmae_stream.kernels.motion import (motion_targets_torch, motion_targets
 needs_triton = pytest.mark.skipif(not triton_support.HAS_TRITON, reason="triton does not import")
 
 
+@pytest.fixture(scope="module", params=reference_sets("targets/targets"))
+def vector_set(request) -> str:
+    """Every vector set present (A ships; a hold-out set with the same keys is tested the same way)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def vectors():
-    with np.load(reference_path("targets/targets_a.npz")) as data:
+def vectors(vector_set):
+    with np.load(reference_path(f"targets/targets_{vector_set}.npz")) as data:
         return {key: torch.from_numpy(data[key]) for key in data.files}
 
 
 @pytest.fixture(scope="module")
-def bins():
-    with np.load(reference_path("targets/bins_a.npz")) as data:
+def bins(vector_set):
+    with np.load(reference_path(f"targets/bins_{vector_set}.npz")) as data:
         return {key: torch.from_numpy(data[key]) for key in data.files if "mean_disp" in key or "tracks" in key}
 
 
@@ -57,14 +63,15 @@ def test_raw_displacement_targets_match_official(vectors, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_patch_normalised_targets_match_official(vectors, mode):
+def test_patch_normalised_targets_match_official(vectors, vector_set, mode):
     key, upsample = MODES[mode]
     targets, _ = motion_targets_torch(vectors[key], tokens_side=14, upsample=upsample, norm="patch")
     official = vectors[f"{mode}_target_patch"]
     if mode == "noup":
         torch.testing.assert_close(targets, official, rtol=0, atol=1e-5)
-        rigid = vectors["noup_token_std_f64"].amax(dim=-1) == 0
-        assert int(rigid.sum()) > 0 and bool((targets[rigid] == 0).all())  # 0 / (0 + eps), as the official code
+        if vector_set == "a":  # README: rigid and static tokens have equal displacements; 0 / (0 + eps) there
+            rigid = vectors["noup_token_std_f64"].amax(dim=-1) == 0
+            assert int(rigid.sum()) > 0 and bool((targets[rigid] == 0).all())
         return
     # README: |delta| <= 1e-5 + 1e-4 / sigma per element, ill-conditioned tokens skipped
     well = ~vectors["up_ill_conditioned"]
@@ -87,7 +94,8 @@ def test_patch_safe_suppresses_amplified_noise(vectors):
     option stays near the float64 value there and near the official value where tokens really deform."""
     safe, _ = motion_targets_torch(vectors["tracks14"], tokens_side=14, upsample=2, norm="patch_safe", safe_eps=1e-2)
     ill = vectors["up_ill_conditioned"]
-    assert float(vectors["up_target_patch"][ill].abs().max()) > 0.5  # the flaw is really there
+    if bool(ill.any()):  # set A: rigid and static tokens, where the official output is noise up to |0.78|
+        assert float(vectors["up_target_patch"][ill].abs().max()) > 0.1  # the flaw is really there
     torch.testing.assert_close(safe[ill], vectors["up_target_patch_f64"][ill].float(), rtol=0, atol=1e-2)
     sigma = vectors["up_token_std_f64"].amin(dim=-1)
     deforming = sigma > 0.5  # std >> safe_eps: relative change ~ safe_eps**2 / (2 sigma**2) <= 2e-4
