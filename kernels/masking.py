@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
-from .rng import STREAM_HIGH_BIN, STREAM_LOW_BIN, STREAM_TUBE, counter_uniform_torch, rng_key
+from .rng import (STREAM_HIGH_BIN, STREAM_LOW_BIN, STREAM_TUBE, counter_uniform_torch, key_argument,
+                  rng_key)
 
 if HAS_TRITON:
     from .rng import triton_counter_uniform
@@ -274,7 +275,7 @@ def _launch_mask_kernel(batch: int, counts: BinCounts, num_frames: int, key: int
         token_stat.contiguous() if token_stat is not None else placeholder,
         high_draws.contiguous() if high_draws is not None else placeholder,
         low_draws.contiguous() if low_draws is not None else placeholder,
-        mask, visible_idx, masked_idx, key, num_frames,
+        mask, visible_idx, masked_idx, key_argument(key), num_frames,
         TOKENS=tokens, HIGH_SIZE=counts.high_size, HIGH_VISIBLE=counts.high_visible,
         LOW_VISIBLE=counts.low_visible, HIGH_STREAM=high_stream, LOW_STREAM=STREAM_LOW_BIN,
         BY_STAT=token_stat is not None, HIGH_DRAWS=high_draws is not None, LOW_DRAWS=low_draws is not None,

@@ -167,14 +167,15 @@ if HAS_TRITON:
 
     @triton.jit
     def _motion_targets_kernel(
-        tracks_ptr, targets_ptr, stat_ptr, frames, src_scale, eps, safe_eps_sq,
-        GRID: tl.constexpr, UPSAMPLE: tl.constexpr, TOKENS_SIDE: tl.constexpr, POINTS_SIDE: tl.constexpr,
+        tracks_ptr, targets_ptr, stat_ptr, src_scale, eps, safe_eps_sq,
+        FRAMES: tl.constexpr, GRID: tl.constexpr, UPSAMPLE: tl.constexpr, TOKENS_SIDE: tl.constexpr, POINTS_SIDE: tl.constexpr,
         POOL_SIDE: tl.constexpr, FROM_FIRST: tl.constexpr, NORM: tl.constexpr,
         BLOCK_TOK: tl.constexpr, BLOCK_VAL: tl.constexpr, BLOCK_POOL: tl.constexpr,
     ):
         """One program per (clip, tile of spatial tokens, time slot); the t = 0 program also writes token_stat."""
         clip = tl.program_id(0)
         t = tl.program_id(2)
+        frames: tl.constexpr = FRAMES
         num_tokens: tl.constexpr = TOKENS_SIDE * TOKENS_SIDE
         num_values: tl.constexpr = 2 * POINTS_SIDE * POINTS_SIDE
         frame_stride: tl.constexpr = GRID * GRID * 2
@@ -250,7 +251,8 @@ if HAS_TRITON:
             prev_x = tl.load(clip_tracks + raw_point * 2, mask=pool_ok, other=0.0)
             prev_y = tl.load(clip_tracks + raw_point * 2 + 1, mask=pool_ok, other=0.0)
             length_sum = tl.zeros((BLOCK_TOK, BLOCK_POOL), tl.float32)
-            for k in range(1, frames):
+            # unrolled (FRAMES is a constexpr) so that the T loads are in flight together, not one latency each
+            for k in tl.static_range(1, FRAMES):
                 cur_x = tl.load(clip_tracks + k * frame_stride + raw_point * 2, mask=pool_ok, other=0.0)
                 cur_y = tl.load(clip_tracks + k * frame_stride + raw_point * 2 + 1, mask=pool_ok, other=0.0)
                 dx = cur_x - prev_x
@@ -258,7 +260,7 @@ if HAS_TRITON:
                 length_sum += tl.sqrt_rn(dx * dx + dy * dy)
                 prev_x = cur_x
                 prev_y = cur_y
-            per_point = tl.div_rn(length_sum, (frames - 1).to(tl.float32))
+            per_point = tl.div_rn(length_sum, (FRAMES - 1) * 1.0)
             stat = tl.div_rn(tl.sum(tl.where(pool_ok, per_point, 0.0), axis=1), POOL_SIDE * POOL_SIDE * 1.0)
             tl.store(stat_ptr + clip.to(tl.int64) * num_tokens + token, stat, mask=token_ok)
 
@@ -283,9 +285,9 @@ def motion_targets_triton(tracks: Tensor, *, tokens_side: int, upsample: int = 2
     block_tok = max(1, min(next_power_of_2(num_tokens), 512 // block_val))
     grid = (geo.batch, triton.cdiv(num_tokens, block_tok), geo.frames)
     _motion_targets_kernel[grid](
-        tracks, targets, token_stat, geo.frames, src_scale, float(eps), float(safe_eps) ** 2,
-        GRID=geo.grid, UPSAMPLE=geo.upsample, TOKENS_SIDE=geo.tokens_side, POINTS_SIDE=geo.points_side,
-        POOL_SIDE=geo.pool_side, FROM_FIRST=displacement == "first", NORM=_NORM_CODES[norm],
+        tracks, targets, token_stat, src_scale, float(eps), float(safe_eps) ** 2,
+        FRAMES=geo.frames, GRID=geo.grid, UPSAMPLE=geo.upsample, TOKENS_SIDE=geo.tokens_side,
+        POINTS_SIDE=geo.points_side, POOL_SIDE=geo.pool_side, FROM_FIRST=displacement == "first", NORM=_NORM_CODES[norm],
         BLOCK_TOK=block_tok, BLOCK_VAL=block_val, BLOCK_POOL=next_power_of_2(geo.pool_side ** 2),
     )
     return targets, token_stat

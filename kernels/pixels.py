@@ -4,7 +4,8 @@ Token index n = t*(H/p)*(W/p) + h*(W/p) + w for tubelets of kt frames and p x p 
 
 Input layouts:
 - "BCTHW": float (B, 3, T, H, W), ImageNet-normalised with `mean`/`std` (the reference vectors' layout). Raw values
-  are recovered as float32 `video * std + mean`, bit-exact with the official `unnorm_videos`.
+  are recovered as float32 `video * std + mean`: the torch twin is bit-exact with the official `unnorm_videos`; compiled
+  Triton contracts it into one FMA, which may differ by 1 ulp.
 - "BTHWC": uint8 (B, T, H, W, 3) raw frames (the trainer's fast path): raw = u8 / 255 and the normalised value is
   (raw - mean) / std, the dataset pipeline's order of operations.
 

@@ -74,6 +74,13 @@ def rng_key(seed: int, step: int, rank: int) -> int:
     return state
 
 
+def key_argument(key: int) -> int:
+    """The 32-bit key as a Triton launch argument: with bit 32 set it is always typed i64 (Triton types a scalar
+    below 2**31 as i32), so one specialisation serves every step instead of a recompile when the key crosses 2**31;
+    the kernels truncate it to uint32, which drops that bit."""
+    return (key & MASK32) | (1 << 32)
+
+
 def counter_uniform_torch(key: int, clip: Tensor, stream: Tensor | int, position: Tensor) -> Tensor:
     """Float32 draws in [0, 1) (multiples of 2**-24) for broadcastable int64 counters in [0, 2**32)."""
     state = _absorb(key, clip.to(torch.int64))
@@ -125,5 +132,6 @@ def counter_uniform_triton(key: int, clip: Tensor, stream: Tensor, position: Ten
     numel = out.numel()
     if numel:
         block = 1024
-        _counter_uniform_kernel[(triton.cdiv(numel, block),)](clip, stream, position, out, key, numel, BLOCK=block)
+        _counter_uniform_kernel[(triton.cdiv(numel, block),)](clip, stream, position, out, key_argument(key), numel,
+                                                              BLOCK=block)
     return out

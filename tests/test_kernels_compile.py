@@ -24,9 +24,8 @@ DTYPES = {"f32": "*fp32", "bf16": "*bf16", "i64": "*i64", "u8": "*u8", "bool": "
 
 def _cases() -> list[tuple]:
     motion = [(f"motion_targets upsample={up} norm={norm} first={first}", "motion", "_motion_targets_kernel",
-               dict(tracks_ptr="f32", targets_ptr="bf16", stat_ptr="f32", frames=8, src_scale=0.5, eps=1e-6,
-                    safe_eps_sq=1e-4),
-               dict(GRID=grid, UPSAMPLE=up, TOKENS_SIDE=14, POINTS_SIDE=2, POOL_SIDE=grid // 14, FROM_FIRST=first,
+               dict(tracks_ptr="f32", targets_ptr="bf16", stat_ptr="f32", src_scale=0.5, eps=1e-6, safe_eps_sq=1e-4),
+               dict(FRAMES=8, GRID=grid, UPSAMPLE=up, TOKENS_SIDE=14, POINTS_SIDE=2, POOL_SIDE=grid // 14, FROM_FIRST=first,
                     NORM=norm, BLOCK_TOK=64, BLOCK_VAL=8, BLOCK_POOL=(grid // 14) ** 2))
               for up, grid, norm, first in [(2, 14, 1, False), (1, 28, 0, False), (2, 14, 2, True)]]
     masks = [(f"mask by_stat={by_stat} draws={draws}", "masking", "_tube_mask_kernel",
@@ -36,12 +35,14 @@ def _cases() -> list[tuple]:
                    LOW_VISIBLE=10 if by_stat else 0, HIGH_STREAM=0 if by_stat else 2, LOW_STREAM=1, BY_STAT=by_stat,
                    HIGH_DRAWS=draws, LOW_DRAWS=draws, BLOCK=256))
              for by_stat, draws in [(True, False), (True, True), (False, False)]]
+    # as launched: 8 warps for BLOCK 2048, and a stride of 1 (channel-last u8 frames) specialised to a constant
     patches = [(f"pixels u8={u8} raw={raw} patch_norm={norm}", "pixels", "_patch_kernel",
                 dict(video_ptr="u8" if u8 else "f32", idx_ptr="i64", out_ptr=out, num_idx=1408, num_tokens=1568,
-                     grid_h=14, grid_w=14, stride_b=2408448, stride_c=1, stride_t=150528, stride_h=672, stride_w=3,
-                     mean0=0.485, mean1=0.456, mean2=0.406, std0=0.229, std1=0.224, std2=0.225, eps=1e-6),
+                     grid_h=14, grid_w=14, stride_b=2408448, stride_t=150528, stride_h=672, stride_w=3,
+                     mean0=0.485, mean1=0.456, mean2=0.406, std0=0.229, std1=0.224, std2=0.225, eps=1e-6,
+                     **({} if u8 else dict(stride_c=50176))),
                 dict(TUBELET=2, PATCH=16, U8_INPUT=u8, RAW_OUTPUT=raw, CHANNEL_LAST_OUT=raw, PATCH_NORM=norm,
-                     HAS_IDX=True, BLOCK=2048))
+                     HAS_IDX=True, BLOCK=2048, **(dict(stride_c=1) if u8 else {})), dict(num_warps=8))
                for u8, raw, norm, out in [(True, False, False, "bf16"), (True, True, True, "f32"),
                                           (False, True, True, "f32"), (False, False, False, "f32")]]
     rows = dict(idx_ptr="i64", num_rows=45056, num_idx=1408, num_tokens=1568, dim=8)
@@ -65,7 +66,7 @@ def compile_all(arch: int = 90) -> list[str]:
     from triton.compiler import ASTSource
 
     lines = []
-    for label, module_name, kernel_name, args, constexprs in _cases():
+    for label, module_name, kernel_name, args, constexprs, *options in _cases():
         kernel = getattr(importlib.import_module(f"trackmae_stream.kernels.{module_name}"), kernel_name)
         signature = {}
         for name in inspect.signature(kernel.fn).parameters:
@@ -79,7 +80,7 @@ def compile_all(arch: int = 90) -> list[str]:
                 signature[name] = "i32" if -2 ** 31 <= args[name] < 2 ** 31 else "i64"
         start = time.perf_counter()
         compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
-                                  target=GPUTarget("cuda", arch, 32))
+                                  target=GPUTarget("cuda", arch, 32), options=options[0] if options else None)
         ptx = compiled.asm["ptx"]
         lines.append(f"{label}: {time.perf_counter() - start:.1f} s, div.rn {ptx.count('div.rn.f32')}, "
                      f"div.full {ptx.count('div.full.f32')}, sqrt.rn {ptx.count('sqrt.rn.f32')}")

@@ -244,10 +244,16 @@ def test_triton_cuda_matches_torch(upsample, grid, norm, displacement, out_dtype
     targets, stat = kernels.motion_targets(tracks, out_dtype=out_dtype, **kwargs)  # backend None on CUDA: Triton
     expected, expected_stat = kernels.motion_targets(tracks.cpu(), backend="torch", **kwargs)
     assert targets.dtype == out_dtype and targets.shape == expected.shape
-    # normalised targets amplify float rounding by 1/std: compare tokens whose points really spread (std > 0.1 px)
+    # Normalised targets amplify float rounding of the positions (~1.5e-5 px near 224 px; compiled Triton also fuses
+    # the bilinear into FMAs) by 1/std, so compare the error in pixels: |delta| * std, on tokens whose points spread.
     raw, _ = kernels.motion_targets(tracks.cpu(), backend="torch", **{**kwargs, "norm": "none"})
-    spread = raw.reshape(raw.shape[0], raw.shape[1], -1, 2).std(dim=2).amin(dim=-1) > 0.1
+    std = raw.reshape(raw.shape[0], raw.shape[1], -1, 2).std(dim=2)  # (B, N, 2): per token and coordinate
+    spread = std.amin(dim=-1) > 0.1
     assert float(spread.float().mean()) > 0.95
-    tolerance = 1e-4 if out_dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(targets.float().cpu()[spread], expected[spread], rtol=tolerance, atol=tolerance)
+    delta = (targets.float().cpu() - expected).abs()
+    if out_dtype == torch.bfloat16:  # allow one bf16 ulp (2**-7 relative) on top of the fp32 error
+        delta = (delta - expected.abs() * 2.0 ** -7).clamp(min=0)
+    if norm != "none":
+        delta = delta * std[:, :, None, :].expand(-1, -1, raw.shape[-1] // 2, -1).reshape(raw.shape)
+    assert float(delta[spread].max()) <= 1e-4, float(delta[spread].max())
     torch.testing.assert_close(stat.cpu(), expected_stat, rtol=1e-5, atol=1e-5)
