@@ -102,10 +102,12 @@ def main(argv=None) -> int:
             batches = StreamingPrefetcher(host, preparer, start_step=0, timer=timer, stream=stream)
             for _ in range(args.warmup):
                 train_step(next(batches))
+                batches.prefetch()  # as the trainer: after the step is launched
             synchronize(device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 train_step(next(batches))
+                batches.prefetch()
         synchronize(device)
         return (time.perf_counter() - t0) / args.steps
 

@@ -207,3 +207,23 @@ def test_tracker_on_gpu_trainer_shapes():
     out = tracker.track_grid(frames, 14)
     assert out.tracks.shape == (4, 8, 196, 2) and out.tracks.device.type == "cuda"
     assert torch.isfinite(out.tracks).all()
+
+
+@pytest.mark.gpu
+def test_cuda_graph_runner_is_safe_across_streams():
+    """Calls alternate between two streams while the other is busy: each call's outputs belong to its own inputs."""
+    from trackmae_stream.tracking.cotracker3.cuda_graph import CudaGraphRunner
+
+    runner = CudaGraphRunner(lambda x: (x * 2.0 + 1.0).cumsum(dim=0))
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    inputs = [torch.randn(4099, device="cuda") for _ in range(6)]
+    outputs = []
+    for i, x in enumerate(inputs):
+        stream = streams[i % 2]
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(1_000_000 * (2 - i % 2))  # the other stream's call would overtake without the event
+            outputs.append(runner(x))
+    torch.cuda.synchronize()
+    for x, out in zip(inputs, outputs):
+        torch.testing.assert_close(out, (x * 2.0 + 1.0).cumsum(dim=0))

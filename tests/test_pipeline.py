@@ -53,6 +53,44 @@ def test_prefetched_batches_equal_direct_preparation_and_masks_follow_the_step()
     assert first.motion_target.shape == (3, first.masked_idx.shape[1], 8)
 
 
+def test_explicit_prefetch_gives_the_same_batches_and_repeated_calls_skip_nothing():
+    preparer = make_preparer(torch.device("cpu"))
+    batches = host_batches(3, seed=2)
+    plain = list(StreamingPrefetcher(batches, preparer, start_step=4, timer=IntervalTimer()))
+    prefetcher = StreamingPrefetcher(batches, preparer, start_step=4, timer=IntervalTimer())
+    explicit = []
+    for _ in range(3):
+        explicit.append(next(prefetcher))
+        prefetcher.prefetch()  # what the trainer does after launching its step
+        prefetcher.prefetch()  # a second call must not consume a loader batch
+    with pytest.raises(StopIteration):
+        next(prefetcher)
+    for a, b in zip(plain, explicit):
+        assert_batches_equal(a, b)
+
+
+def test_a_failed_preparation_never_hands_out_a_stale_batch():
+    preparer = make_preparer(torch.device("cpu"))
+    batches = host_batches(3, seed=3)
+    calls = []
+
+    def flaky(batch, step):
+        calls.append(step)
+        if len(calls) == 2:
+            raise RuntimeError("tracker failed")
+        return preparer(batch, step)
+
+    prefetcher = StreamingPrefetcher(batches, flaky, start_step=0, timer=IntervalTimer())
+    first = next(prefetcher)
+    with pytest.raises(RuntimeError, match="tracker failed"):
+        prefetcher.prefetch()
+    second = next(prefetcher)  # the failed loader batch is lost; the next one is prepared with the same step
+    assert second is not first
+    assert_batches_equal(second, preparer(batches[2], 1))
+    with pytest.raises(StopIteration):
+        next(prefetcher)
+
+
 @pytest.mark.gpu
 def test_overlapped_preparation_equals_serial_on_cuda():
     device = torch.device("cuda")
@@ -61,9 +99,12 @@ def test_overlapped_preparation_equals_serial_on_cuda():
     serial = list(StreamingPrefetcher(batches, preparer, start_step=0, timer=IntervalTimer()))
     stream = torch.cuda.Stream()
     overlapped = []
-    for batch in StreamingPrefetcher(batches, preparer, start_step=0, timer=IntervalTimer(), stream=stream):
+    prefetcher = StreamingPrefetcher(batches, preparer, start_step=0, timer=IntervalTimer(), stream=stream)
+    for i, batch in enumerate(prefetcher):
         overlapped.append(batch)
         torch.cuda._sleep(2_000_000)  # keep the consumer stream busy so that preparation really overlaps it
+        if i % 2:
+            prefetcher.prefetch()  # the trainer's order (after its step); even steps: plain iteration
     torch.cuda.synchronize()
     for a, b in zip(serial, overlapped):
         assert_batches_equal(a, b)

@@ -143,6 +143,9 @@ class Trainer:
             # The only buffers are the fixed sin-cos tables: nothing to broadcast every step.
             model = DistributedDataParallel(model, device_ids=[self.device.index] if cuda else None,
                                             broadcast_buffers=False)
+            if hasattr(model, "_set_ddp_runtime_logging_sample_rate"):
+                # DDP's sampled runtime stats wait on CUDA events (a host sync before forward every 100 steps)
+                model._set_ddp_runtime_logging_sample_rate(2 ** 31 - 1)
         if cfg.model.compile:
             model = torch.compile(model)
         self.model = model
@@ -346,6 +349,7 @@ class Trainer:
                     pred = self.model(batch.patches, batch.visible_idx, batch.masked_idx)
                     losses = compute_losses(pred, batch, lam)
                 self.scaler.scale(losses["loss"] / accum).backward()
+            batches.prefetch()  # this micro-batch's kernels are queued: now fetch and launch the next one's prep
             state.add_losses(losses, accum)
             loss_nonfinite |= ~torch.isfinite(losses["loss"].detach())
             state.timer.clips += batch.num_clips
@@ -415,6 +419,8 @@ class Trainer:
                           last_checkpoint=self.last_checkpoint, skipped_videos=self.skipped_videos)
 
     def close(self) -> None:
+        if self.device.type == "cuda":  # on an error path, side-stream work may still read the loader's buffers
+            torch.cuda.synchronize(self.device)
         self.data.close()
         self.logger.close()
         shutdown(self.dist)

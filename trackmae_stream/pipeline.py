@@ -99,10 +99,16 @@ def build_batch_preparer(cfg: TrainConfig, device: torch.device, rank: int = 0) 
 
 
 class StreamingPrefetcher:
-    """Iterator of prepared batches. With a side `stream` (CUDA), batch i+1 is prepared on it as soon as batch i is
-    handed out, so tracking and target building overlap the training step on batch i; without one (CPU, or
-    `tracker.overlap=false`) preparation runs inline. Pinned host batches need no extra lifetime care: the caching
-    host allocator does not reuse a pinned block before the asynchronous copy that reads it has completed."""
+    """Iterator of prepared batches. With a side `stream` (CUDA), batch i+1 is prepared on it while the training step
+    on batch i runs; without one (CPU, or `tracker.overlap=false`) preparation runs inline.
+
+    Host order matters as much as stream order: the consumer calls `prefetch()` right after it has launched its step
+    on batch i, so the step's kernels are queued before the host blocks on the loader or spends time launching the
+    tracker for batch i+1 (otherwise the GPU's training stream can run dry while the host does that). `__next__`
+    prefetches itself when the caller has not, so plain iteration works too.
+
+    Pinned host batches need no extra lifetime care: the caching host allocator does not reuse a pinned block before
+    the asynchronous copy that reads it has completed."""
 
     def __init__(self, loader: Any, preparer: BatchPreparer, *, start_step: int, timer: IntervalTimer,
                  stream: torch.cuda.Stream | None = None):
@@ -112,9 +118,11 @@ class StreamingPrefetcher:
         self.timer = timer
         self.stream = stream
         self._next: TrainBatch | None = None
-        self._ready: torch.cuda.Event | None = None
+        self._ready: torch.cuda.Event | None = None  # side stream: batch `_next` is prepared
+        self._handed_out: torch.cuda.Event | None = None  # consumer stream: its work before the last batch handed out
+        self._pending = True  # `_next` still has to be fetched and prepared
         self._exhausted = False
-        self._preload()
+        self.prefetch()
 
     def _fetch(self) -> dict[str, Any] | None:
         t0 = time.perf_counter()
@@ -125,49 +133,65 @@ class StreamingPrefetcher:
         self.timer.add("data", time.perf_counter() - t0)
         return batch
 
-    def _prepare(self, batch: dict[str, Any]) -> None:
+    def _prepare(self, batch: dict[str, Any]) -> TrainBatch:
         t0 = time.perf_counter()
-        self._next = self.preparer(batch, self.step)
+        out = self.preparer(batch, self.step)
         self.timer.add("prepare", time.perf_counter() - t0)
+        return out
 
-    def _preload(self) -> None:
+    def prefetch(self) -> None:
+        """Fetch the next batch and queue its preparation; a no-op when that is done already or the loader is
+        exhausted. If it raises, nothing is half-committed (`__next__` never hands out a stale batch)."""
+        if not self._pending or self._exhausted:
+            return
         if self.stream is None:
             batch = self._fetch()
             if batch is None:
                 self._exhausted = True
-            else:
-                self._prepare(batch)
+                return
+            self._next = self._prepare(batch)
+            self._pending = False
             return
-        # Start only after the work already queued on the consumer stream (at most one batch ahead).
-        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        # Start after the consumer's work queued before the last hand-out (so at most one batch ahead of it), but
+        # not after the step the consumer has just launched on that batch: that is the work to overlap.
+        if self._handed_out is None:
+            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+        else:
+            self.stream.wait_event(self._handed_out)
         with torch.cuda.stream(self.stream):
             batch = self._fetch()  # a GPU loader (DALI) then writes its output on this stream too
             if batch is None:
                 self._exhausted = True
                 return
-            self._prepare(batch)
-            self._ready = torch.cuda.Event()
-            self._ready.record(self.stream)
+            prepared = self._prepare(batch)
+            ready = torch.cuda.Event()
+            ready.record(self.stream)
+        self._next, self._ready, self._pending = prepared, ready, False
 
     def __iter__(self) -> "StreamingPrefetcher":
         return self
 
     def __next__(self) -> TrainBatch:
+        self.prefetch()  # the caller did not prefetch after its last step (plain iteration)
         if self._exhausted:
             raise StopIteration
-        out = self._next
+        out, self._next, self._pending = self._next, None, True
         if self.stream is not None:
             consumer = torch.cuda.current_stream(self.stream.device)
             consumer.wait_event(self._ready)
             for tensor in out.device_tensors():
                 tensor.record_stream(consumer)
+            self._handed_out = torch.cuda.Event()
+            self._handed_out.record(consumer)
         self.step += 1
-        self._preload()
         return out
 
     def close(self) -> None:
-        """Abandon the batch prepared ahead: the consumer stream waits for its work, so nothing the next prefetcher
-        queues (e.g. into a CUDA graph's static buffers) can overtake it."""
+        """Abandon the batch prepared ahead. The consumer stream waits for its work, so nothing the next prefetcher
+        queues (e.g. into a CUDA graph's static buffers) can overtake it, and the host waits too (once per epoch):
+        on an error path the loader (DALI's buffers) may be released right after this."""
         if self.stream is not None:
             torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
+            self.stream.synchronize()
         self._next = None
+        self._pending = False

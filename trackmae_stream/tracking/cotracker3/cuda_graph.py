@@ -1,6 +1,7 @@
 """CUDA-graph capture of a function of fixed-shape tensors (one graph per input signature)."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -16,12 +17,18 @@ class CudaGraphRunner:
     must be capturable: no host syncs, no host-to-device copies, no data-dependent shapes, and it must return a tensor
     or a tuple of tensors. Outputs are cloned, so they stay valid after the next replay. Gradients are not supported
     (call it under torch.no_grad()).
+
+    The static buffers are shared by every caller: a lock serialises host threads, and each call's stream waits for
+    the previous call's replay and clones (an event), so a call from another stream cannot overwrite the inputs of a
+    replay still in flight.
     """
 
     def __init__(self, fn: Callable[..., Any], warmup_iters: int = 2):
         self.fn = fn
         self.warmup_iters = warmup_iters
         self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
+        self._lock = threading.Lock()
+        self._last_use: dict[tuple, torch.cuda.Event] = {}
 
     @staticmethod
     def _signature(args: tuple) -> tuple:
@@ -29,18 +36,24 @@ class CudaGraphRunner:
 
     def __call__(self, *args: Any) -> Any:
         key = self._signature(args)
-        entry = self._graphs.get(key)
-        if entry is None:
-            entry = self._capture(args)
-            self._graphs[key] = entry
-        graph, static_args, static_out = entry
-        for static, arg in zip(static_args, args):
-            if isinstance(arg, Tensor):
-                static.copy_(arg)
-        graph.replay()
-        if isinstance(static_out, Tensor):
-            return static_out.clone()
-        return tuple(out.clone() for out in static_out)
+        with self._lock:
+            entry = self._graphs.get(key)
+            if entry is None:
+                entry = self._capture(args)
+                self._graphs[key] = entry
+            graph, static_args, static_out = entry
+            stream = torch.cuda.current_stream()
+            if key in self._last_use:  # the previous replay (maybe on another stream) has read its inputs
+                stream.wait_event(self._last_use[key])
+            for static, arg in zip(static_args, args):
+                if isinstance(arg, Tensor):
+                    static.copy_(arg)
+            graph.replay()
+            outs = static_out.clone() if isinstance(static_out, Tensor) else tuple(o.clone() for o in static_out)
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._last_use[key] = done
+            return outs
 
     def _capture(self, args: tuple) -> tuple[torch.cuda.CUDAGraph, list[Any], Any]:
         tensors = [a for a in args if isinstance(a, Tensor)]
