@@ -74,6 +74,15 @@ def motion_targets(tracks: Tensor, *, tokens_side: int, upsample: int = 2, displ
               safe_eps=safe_eps, out_dtype=out_dtype)
 
 
+def motion_token_stat(tracks: Tensor, *, tokens_side: int) -> Tensor:
+    """The binning statistic alone (B, h*h) float32, for motion-aware masking without the motion target: the same
+    values as `motion_targets(...)[1]` at a fraction of the work. A handful of torch ops on any device (no kernel of
+    its own: the fused motion kernel already produces it when the targets are needed)."""
+    motion.check_motion_args(tracks, tokens_side, 1, "frame", "none", 1e-6, 1e-2, torch.float32,
+                             what="motion_token_stat")
+    return motion.motion_token_stat_torch(tracks, tokens_side)
+
+
 def motion_aware_mask(token_stat: Tensor, *, num_frames: int, mask_ratio: float, rho: float, seed: int = 0,
                       step: int = 0, rank: int = 0, high_draws: Tensor | None = None,
                       low_draws: Tensor | None = None, backend: str | None = None) -> MaskOutput:
@@ -125,6 +134,6 @@ def gather_tokens(x: Tensor, idx: Tensor, *, backend: str | None = None) -> Tens
 
 __all__ = [
     "BACKENDS", "BACKEND_ENV", "IMAGENET_MEAN", "IMAGENET_STD", "MaskOutput", "default_backend", "gather_patches",
-    "gather_tokens", "motion_aware_mask", "motion_bin_counts", "motion_targets", "pixel_targets", "resolve_backend",
-    "tube_mask", "visible_per_frame", "rng",
+    "gather_tokens", "motion_aware_mask", "motion_bin_counts", "motion_targets", "motion_token_stat", "pixel_targets",
+    "resolve_backend", "tube_mask", "visible_per_frame", "rng",
 ]

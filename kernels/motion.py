@@ -53,44 +53,44 @@ class MotionGeometry:
 
 
 def check_motion_args(tracks: Tensor, tokens_side: int, upsample: int, displacement: str, norm: str, eps: float,
-                      safe_eps: float, out_dtype: torch.dtype) -> MotionGeometry:
+                      safe_eps: float, out_dtype: torch.dtype, what: str = "motion_targets") -> MotionGeometry:
     """Validate a `motion_targets` call and return its sizes; raises ValueError/TypeError naming the problem."""
     if not isinstance(tracks, Tensor):
-        raise TypeError(f"motion_targets: tracks must be a tensor, got {type(tracks).__name__}")
+        raise TypeError(f"{what}: tracks must be a tensor, got {type(tracks).__name__}")
     if tracks.ndim != 4 or tracks.shape[-1] != 2:
-        raise ValueError(f"motion_targets: tracks must have shape (B, T, G*G, 2), got {tuple(tracks.shape)}")
+        raise ValueError(f"{what}: tracks must have shape (B, T, G*G, 2), got {tuple(tracks.shape)}")
     if not tracks.is_floating_point():
-        raise TypeError(f"motion_targets: tracks must be floating point (absolute pixels), got {tracks.dtype}")
+        raise TypeError(f"{what}: tracks must be floating point (absolute pixels), got {tracks.dtype}")
     batch, frames, points, _ = tracks.shape
     if frames < 2:
-        raise ValueError(f"motion_targets: tracks need T >= 2 frames for a displacement, got T={frames}")
+        raise ValueError(f"{what}: tracks need T >= 2 frames for a displacement, got T={frames}")
     grid = int(round(points ** 0.5))
     if grid * grid != points or grid < 1:
-        raise ValueError(f"motion_targets: tracks must hold a square grid of G*G points, got N={points}")
+        raise ValueError(f"{what}: tracks must hold a square grid of G*G points, got N={points}")
     if not isinstance(upsample, int) or upsample < 1:
-        raise ValueError(f"motion_targets: upsample must be an int >= 1, got {upsample!r}")
+        raise ValueError(f"{what}: upsample must be an int >= 1, got {upsample!r}")
     if not isinstance(tokens_side, int) or tokens_side < 1:
-        raise ValueError(f"motion_targets: tokens_side must be an int >= 1, got {tokens_side!r}")
+        raise ValueError(f"{what}: tokens_side must be an int >= 1, got {tokens_side!r}")
     if (grid * upsample) % tokens_side:
-        raise ValueError(f"motion_targets: the upsampled grid side G*u = {grid}*{upsample} is not a multiple of "
+        raise ValueError(f"{what}: the upsampled grid side G*u = {grid}*{upsample} is not a multiple of "
                          f"tokens_side = {tokens_side}")
     if grid % tokens_side:
-        raise ValueError(f"motion_targets: the raw grid side G = {grid} must be a multiple of tokens_side = "
+        raise ValueError(f"{what}: the raw grid side G = {grid} must be a multiple of tokens_side = "
                          f"{tokens_side} for the per-token motion statistic")
     if displacement not in DISPLACEMENTS:
-        raise ValueError(f"motion_targets: displacement must be one of {DISPLACEMENTS}, got {displacement!r}")
+        raise ValueError(f"{what}: displacement must be one of {DISPLACEMENTS}, got {displacement!r}")
     if norm not in NORMS:
-        raise ValueError(f"motion_targets: norm must be one of {NORMS}, got {norm!r}")
+        raise ValueError(f"{what}: norm must be one of {NORMS}, got {norm!r}")
     points_side = grid * upsample // tokens_side
     if norm != "none" and points_side < 2:
-        raise ValueError(f"motion_targets: norm={norm!r} needs >= 2x2 points per token for an unbiased std, got "
+        raise ValueError(f"{what}: norm={norm!r} needs >= 2x2 points per token for an unbiased std, got "
                          f"{points_side}x{points_side} (G={grid}, upsample={upsample}, tokens_side={tokens_side})")
     if not eps >= 0:
-        raise ValueError(f"motion_targets: eps must be >= 0, got {eps}")
+        raise ValueError(f"{what}: eps must be >= 0, got {eps}")
     if not safe_eps > 0:
-        raise ValueError(f"motion_targets: safe_eps must be > 0, got {safe_eps}")
+        raise ValueError(f"{what}: safe_eps must be > 0, got {safe_eps}")
     if out_dtype not in OUT_DTYPES:
-        raise ValueError(f"motion_targets: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
+        raise ValueError(f"{what}: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     return MotionGeometry(batch, frames, grid, upsample, tokens_side, points_side, grid // tokens_side)
 
 
@@ -119,7 +119,10 @@ def step_displacements(positions: Tensor, displacement: str) -> Tensor:
 
 
 def motion_token_stat_torch(tracks: Tensor, tokens_side: int) -> Tensor:
-    """(B, h*h) float32: per raw point the mean step length over the T-1 real steps, pooled per token."""
+    """(B, h*h) float32: per raw point the mean step length over the T-1 real steps, pooled per token.
+
+    The trainer gets it from the fused kernel together with the targets; alone (motion-aware masking without the
+    motion target) it is these few torch ops on any device, bit-identical to the official statistic."""
     batch, frames, points, _ = tracks.shape
     grid = int(round(points ** 0.5))
     pool = grid // tokens_side

@@ -91,6 +91,19 @@ def test_a_failed_preparation_never_hands_out_a_stale_batch():
         next(prefetcher)
 
 
+def test_masking_without_the_motion_target_draws_the_same_motion_aware_masks():
+    """target.motion=false still tracks for the binning statistic (the stat-only path) and masks the same tokens."""
+    device = torch.device("cpu")
+    batch = host_batches(1, seed=4)[0]
+    with_target = make_preparer(device)(batch, 3)
+    without = make_preparer(device, ["target.motion=false"])(batch, 3)
+    assert without.motion_target is None and with_target.motion_target is not None
+    assert torch.equal(without.visible_idx, with_target.visible_idx)
+    assert torch.equal(without.masked_idx, with_target.masked_idx)
+    tube = make_preparer(device, ["target.motion=false", "mask.type=tube"])
+    assert tube.tracker is None  # nothing needs tracks then
+
+
 @pytest.mark.gpu
 def test_overlapped_preparation_equals_serial_on_cuda():
     device = torch.device("cuda")

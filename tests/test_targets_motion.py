@@ -87,6 +87,7 @@ def test_token_stat_matches_official_binning_statistic(vectors, bins, mode):
     for prefix, tracks in (("", vectors[key]), ("tiefree_", bins[f"tiefree_{key}"])):
         _, token_stat = motion_targets_torch(tracks, tokens_side=14, upsample=upsample)
         torch.testing.assert_close(token_stat, bins[f"{prefix}{mode}_mean_disp"], rtol=0, atol=1e-5)
+        assert torch.equal(kernels.motion_token_stat(tracks, tokens_side=14), token_stat)  # the stat-only path
 
 
 def test_patch_safe_suppresses_amplified_noise(vectors):
@@ -212,6 +213,16 @@ def test_bf16_output_is_the_rounded_fp32_result():
     bf16, stat16 = motion_targets_torch(tracks, tokens_side=3, upsample=2, out_dtype=torch.bfloat16)
     assert bf16.dtype == torch.bfloat16 and stat16.dtype == torch.float32
     assert torch.equal(bf16, fp32.to(torch.bfloat16)) and torch.equal(stat16, stat32)
+
+
+@pytest.mark.parametrize("batch,frames,grid,tokens_side", [(3, 5, 15, 5), (2, 2, 12, 4), (1, 7, 9, 9)])
+def test_stat_only_path_equals_the_fused_statistic(batch, frames, grid, tokens_side):
+    tracks = random_tracks(batch, frames, grid, seed=grid)
+    _, fused = kernels.motion_targets(tracks, tokens_side=tokens_side, upsample=1, norm="none")
+    alone = kernels.motion_token_stat(tracks, tokens_side=tokens_side)
+    assert alone.shape == (batch, tokens_side ** 2) and torch.equal(alone, fused)
+    with pytest.raises(ValueError, match="motion_token_stat: .*multiple of tokens_side"):
+        kernels.motion_token_stat(tracks, tokens_side=tokens_side + 1)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [

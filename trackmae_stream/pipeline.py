@@ -77,8 +77,10 @@ class BatchPreparer:
         frames = batch["frames"].to(self.device, non_blocking=True)
         b = frames.shape[0]
         motion_all = token_stat = None
-        if self.needs_tracks:
+        if self.needs_tracks and self.cfg.target.motion:
             motion_all, token_stat = self.targets.motion(self.track(frames))
+        elif self.needs_tracks:  # motion-aware masking only: the statistic, not the targets
+            token_stat = self.targets.motion_stat(self.track(frames))
         mask = self.masks(step, b, self.device, token_stat=token_stat)
         patches = kernels.gather_patches(frames, mask.visible_idx, tubelet=self.tubelet, patch=self.patch,
                                          layout="BTHWC", mean=self.mean, std=self.std, out_dtype=self.patch_dtype)

@@ -97,6 +97,10 @@ class TargetBuilder(nn.Module):
         return kernels.motion_targets(tracks, tokens_side=self.tokens_side, upsample=t.upsample,
                                       displacement=t.displacement, norm=t.motion_norm)
 
+    def motion_stat(self, tracks: Tensor) -> Tensor:
+        """tracks (B, T', G², 2) -> the binning statistic (B, side²) alone (motion-aware masking, no motion target)."""
+        return kernels.motion_token_stat(tracks, tokens_side=self.tokens_side)
+
     def spatial(self, frames_u8: Tensor, masked_idx: Tensor) -> Tensor | None:
         """frames_u8 (B, T, H, W, 3) -> (B, M, spatial_dim) at `masked_idx`."""
         if self.cfg.target.spatial == "pixel":
