@@ -13,7 +13,11 @@ Input layouts:
   so that `F.linear(patches, conv.weight.flatten(1), conv.bias)` equals the Conv3d patch embedding at those tokens:
   the embedding then runs on the visible tokens only. It is an input, so it needs no backward.
 - `pixel_targets`: raw [0, 1] values in (kt, kh, kw, c) order (VideoMAE's `(p0 p1 p2) c`), standardised per patch
-  and channel as (v - mean) / (std_unbiased + eps) when `normalize` (VideoMAE's rule).
+  and channel as (v - mean) / (std_unbiased + eps) when `normalize` (VideoMAE's rule). The centring is corrected
+  once (the mean of the centred values is subtracted again; 0 in exact arithmetic): a flat patch's float mean is
+  off by rounding that depends on the summation order, and / (0 + eps) would amplify that into targets up to ~0.7
+  (the official code's noise on flat patches, README_vectors §3); corrected, they are ~1e-8 in any order, so the
+  torch twin and the Triton kernel agree there too.
 
 The torch twins are the definitions; one Triton kernel serves both functions, one program per (clip, token), each
 input byte read once and the patch statistics accumulated in fp32 registers.
@@ -168,7 +172,10 @@ def pixel_targets_torch(video: Tensor, idx: Tensor | None = None, *, tubelet: in
     else:
         raw = values.float() / 255.0
     if normalize:
-        raw = (raw - raw.mean(dim=2, keepdim=True)) / (raw.var(dim=2, unbiased=True, keepdim=True).sqrt() + eps)
+        centred = raw - raw.mean(dim=2, keepdim=True)
+        centred = centred - centred.mean(dim=2, keepdim=True)  # see the module doc: flat patches give exactly ~0
+        var = centred.square().sum(dim=2, keepdim=True) / (geo.points - 1)
+        raw = centred / (var.sqrt() + eps)
     return raw.reshape(geo.batch, idx.shape[1], geo.points * 3).to(out_dtype)
 
 
@@ -184,31 +191,29 @@ if HAS_TRITON:
         stride_b, stride_c, stride_t, stride_h, stride_w,
         mean0, mean1, mean2, std0, std1, std2, eps,
         TUBELET: tl.constexpr, PATCH: tl.constexpr, U8_INPUT: tl.constexpr, RAW_OUTPUT: tl.constexpr,
-        CHANNEL_LAST_OUT: tl.constexpr, PATCH_NORM: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK: tl.constexpr,
+        CHANNEL_LAST_OUT: tl.constexpr, PATCH_NORM: tl.constexpr, HAS_IDX: tl.constexpr, BLOCK_P: tl.constexpr,
     ):
         """One program per (clip, output token): gather one tubelet, convert, optionally standardise, store.
-        A 1-d grid (clip-major) because the second grid axis is limited to 65535 programs."""
+
+        The tile is (points, 4 channel slots, the 4th idle): channel-last frames are then read as contiguous bytes,
+        and each per-channel statistic is ONE reduction over the points axis instead of one per channel (fewer
+        block-wide barriers). A 1-d grid (clip-major) because the second grid axis is limited to 65535 programs."""
         program = tl.program_id(0).to(tl.int64)
         clip = program // num_idx
         row = program % num_idx
         points: tl.constexpr = TUBELET * PATCH * PATCH
-        element = tl.arange(0, BLOCK)
-        valid = element < 3 * points
+        point = tl.arange(0, BLOCK_P)[:, None]  # (BLOCK_P, 1)
+        channel = tl.arange(0, 4)[None, :]  # (1, 4)
+        valid = (point < points) & (channel < 3)
         # the token index broadcast over the tile (a scalar-derived mask trips the Triton interpreter)
-        token = tl.zeros([BLOCK], tl.int64) + row
+        token = tl.zeros([BLOCK_P, 4], tl.int64) + row
         if HAS_IDX:
-            token = tl.zeros([BLOCK], tl.int64) + tl.load(idx_ptr + clip * num_idx + row).to(tl.int64)
+            token = tl.zeros([BLOCK_P, 4], tl.int64) + tl.load(idx_ptr + clip * num_idx + row).to(tl.int64)
         token_ok = (token >= 0) & (token < num_tokens)  # out-of-range indices read zeros instead of faulting
         per_frame = grid_h * grid_w
         t = token // per_frame
         h = (token % per_frame) // grid_w
         w = token % grid_w
-        if CHANNEL_LAST_OUT:
-            channel = element % 3
-            point = element // 3
-        else:
-            channel = element // points
-            point = element % points
         dt = point // (PATCH * PATCH)
         dy = (point // PATCH) % PATCH
         dx = point % PATCH
@@ -231,20 +236,18 @@ if HAS_TRITON:
                 value = x
 
         if PATCH_NORM:
-            c0 = valid & (channel == 0)
-            c1 = valid & (channel == 1)
-            c2 = valid & (channel == 2)
             # IEEE divisions (div_rn): Triton's plain '/' is the 2-ulp approximate division on NVIDIA GPUs
-            centre = tl.div_rn(_per_channel(channel, tl.sum(tl.where(c0, value, 0.0), axis=0),
-                                            tl.sum(tl.where(c1, value, 0.0), axis=0),
-                                            tl.sum(tl.where(c2, value, 0.0), axis=0)), points * 1.0)
-            centred = value - centre
-            sq = centred * centred
-            var = tl.div_rn(_per_channel(channel, tl.sum(tl.where(c0, sq, 0.0), axis=0),
-                                         tl.sum(tl.where(c1, sq, 0.0), axis=0),
-                                         tl.sum(tl.where(c2, sq, 0.0), axis=0)), points - 1.0)
-            value = tl.div_rn(centred, tl.sqrt_rn(var) + eps)
+            centre = tl.div_rn(tl.sum(tl.where(valid, value, 0.0), axis=0), points * 1.0)  # (4,)
+            centred = value - centre[None, :]
+            # the corrected centring of the module doc
+            centred -= tl.div_rn(tl.sum(tl.where(valid, centred, 0.0), axis=0), points * 1.0)[None, :]
+            var = tl.div_rn(tl.sum(tl.where(valid, centred * centred, 0.0), axis=0), points - 1.0)
+            value = tl.div_rn(centred, tl.sqrt_rn(var)[None, :] + eps)
 
+        if CHANNEL_LAST_OUT:
+            element = point * 3 + channel
+        else:
+            element = channel * points + point
         tl.store(out_ptr + (clip * num_idx + row) * (3 * points) + element,
                  value.to(out_ptr.dtype.element_ty), mask=valid)
 
@@ -262,14 +265,14 @@ def _launch_patch_kernel(what: str, video: Tensor, idx: Tensor | None, geo: Pixe
     else:
         stride_b, stride_t, stride_h, stride_w, stride_c = video.stride()
     _, grid_h, grid_w = geo.grid
-    block = next_power_of_2(3 * geo.points)
+    block_p = next_power_of_2(geo.points)
     _patch_kernel[(geo.batch * num_idx,)](
         video, idx.contiguous() if idx is not None else out, out, num_idx, geo.num_tokens, grid_h, grid_w,
         stride_b, stride_c, stride_t, stride_h, stride_w,
         *(float(m) for m in mean), *(float(s) for s in std), float(eps),
         TUBELET=geo.tubelet, PATCH=geo.patch, U8_INPUT=layout == "BTHWC", RAW_OUTPUT=raw_output,
-        CHANNEL_LAST_OUT=channel_last_out, PATCH_NORM=patch_norm, HAS_IDX=idx is not None, BLOCK=block,
-        num_warps=4 if block <= 1024 else 8,
+        CHANNEL_LAST_OUT=channel_last_out, PATCH_NORM=patch_norm, HAS_IDX=idx is not None, BLOCK_P=block_p,
+        num_warps=4 if block_p <= 256 else 8,
     )
     return out
 

@@ -35,14 +35,14 @@ def _cases() -> list[tuple]:
                    LOW_VISIBLE=10 if by_stat else 0, HIGH_STREAM=0 if by_stat else 2, LOW_STREAM=1, BY_STAT=by_stat,
                    HIGH_DRAWS=draws, LOW_DRAWS=draws, BLOCK=256))
              for by_stat, draws in [(True, False), (True, True), (False, False)]]
-    # as launched: 8 warps for BLOCK 2048, and a stride of 1 (channel-last u8 frames) specialised to a constant
+    # as launched: 8 warps for BLOCK_P 512, and a stride of 1 (channel-last u8 frames) specialised to a constant
     patches = [(f"pixels u8={u8} raw={raw} patch_norm={norm}", "pixels", "_patch_kernel",
                 dict(video_ptr="u8" if u8 else "f32", idx_ptr="i64", out_ptr=out, num_idx=1408, num_tokens=1568,
                      grid_h=14, grid_w=14, stride_b=2408448, stride_t=150528, stride_h=672, stride_w=3,
                      mean0=0.485, mean1=0.456, mean2=0.406, std0=0.229, std1=0.224, std2=0.225, eps=1e-6,
                      **({} if u8 else dict(stride_c=50176))),
                 dict(TUBELET=2, PATCH=16, U8_INPUT=u8, RAW_OUTPUT=raw, CHANNEL_LAST_OUT=raw, PATCH_NORM=norm,
-                     HAS_IDX=True, BLOCK=2048, **(dict(stride_c=1) if u8 else {})), dict(num_warps=8))
+                     HAS_IDX=True, BLOCK_P=512, **(dict(stride_c=1) if u8 else {})), dict(num_warps=8))
                for u8, raw, norm, out in [(True, False, False, "bf16"), (True, True, True, "f32"),
                                           (False, True, True, "f32"), (False, False, False, "f32")]]
     rows = dict(idx_ptr="i64", num_rows=45056, num_idx=1408, num_tokens=1568, dim=8)

@@ -155,6 +155,25 @@ def test_triton_pixel_targets_match_torch(small_clip, layout, normalize, use_idx
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=needs_triton)])
+def test_flat_patches_give_zero_targets(backend):
+    """Tokens of one random colour: std 0, so any rounding left in the centred values would be amplified by 1/eps
+    (the official float32 code gives up to ~0.7 there); the corrected centring gives ~0 in either backend."""
+    gen = torch.Generator().manual_seed(21)
+    frames = torch.randint(0, 256, (2, 6, 12, 20, 3), generator=gen, dtype=torch.uint8)
+    colours = torch.randint(1, 256, (6, 3), generator=gen, dtype=torch.uint8)
+    flat = [(0, 0, 0, 0), (0, 1, 2, 3), (1, 2, 1, 4), (1, 0, 2, 1), (0, 2, 0, 2), (1, 1, 1, 0)]  # (b, t, h, w)
+    for (b, t, h, w), colour in zip(flat, colours):
+        frames[b, 2 * t:2 * t + 2, 4 * h:4 * h + 4, 4 * w:4 * w + 4] = colour
+    video = normalise_like_the_dataset(frames)
+    for layout, source in (("BTHWC", frames), ("BCTHW", video)):
+        targets = kernels.pixel_targets(source, tubelet=2, patch=4, layout=layout, backend=backend)
+        for b, t, h, w in flat:
+            assert float(targets[b, t * 15 + h * 5 + w].abs().max()) <= 1e-5, (layout, b, t, h, w)
+        others = targets[1, 3 * 15 - 1]  # a textured token is still standardised
+        assert abs(float(others.reshape(-1, 3).std(dim=0).mean()) - 1.0) < 0.05
+
+
 @needs_triton
 def test_triton_handles_odd_tubelet_and_strided_input():
     """Tubelet 3, non-square 3x3 patches, a non-contiguous BCTHW view and int32 indices."""
