@@ -12,18 +12,24 @@ from torch import Tensor
 from ._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
 
 
+def check_token_idx(what: str, idx: Tensor, batch: int, device: torch.device, source: str) -> None:
+    """Raise a clear error unless `idx` is a (batch, M) int64/int32 tensor of token indices on `device` (where the
+    tensor named `source` lives). Shared by every kernel that takes token indices."""
+    if not isinstance(idx, Tensor) or idx.ndim != 2 or idx.shape[0] != batch:
+        raise ValueError(f"{what}: idx must be a (B, M) tensor with B = {batch}, got "
+                         f"{tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__}")
+    if idx.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{what}: idx must be int64 or int32 token indices, got {idx.dtype}")
+    if idx.device != device:
+        raise ValueError(f"{what}: idx is on {idx.device} but {source} is on {device}")
+
+
 def check_gather_args(x: Tensor, idx: Tensor) -> None:
     """Raise a clear error for a malformed `gather_tokens` call."""
     if not isinstance(x, Tensor) or x.ndim != 3:
         raise ValueError(f"gather_tokens: x must be (B, N, D), got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    if not isinstance(idx, Tensor) or idx.ndim != 2 or idx.shape[0] != x.shape[0]:
-        raise ValueError(f"gather_tokens: idx must be (B, M) with B = {x.shape[0]}, got "
-                         f"{tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__}")
-    if idx.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"gather_tokens: idx must be int64 or int32, got {idx.dtype}")
-    if idx.device != x.device:
-        raise ValueError(f"gather_tokens: idx is on {idx.device} but x is on {x.device}")
+    check_token_idx("gather_tokens", idx, x.shape[0], x.device, "x")
 
 
 def gather_tokens_torch(x: Tensor, idx: Tensor) -> Tensor:

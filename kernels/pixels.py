@@ -32,6 +32,7 @@ from torch import Tensor
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
 from ._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
+from .gather import check_token_idx
 
 LAYOUTS = ("BCTHW", "BTHWC")
 OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -92,13 +93,7 @@ def check_pixel_args(what: str, video: Tensor, idx: Tensor | None, layout: str, 
         raise ValueError(f"{what}: out_dtype must be one of {OUT_DTYPES}, got {out_dtype}")
     geo = PixelGeometry(batch, frames, height, width, tubelet, patch)
     if idx is not None:
-        if not isinstance(idx, Tensor) or idx.ndim != 2 or idx.shape[0] != batch:
-            raise ValueError(f"{what}: idx must be a (B, M) tensor with B = {batch}, got "
-                             f"{tuple(idx.shape) if isinstance(idx, Tensor) else type(idx).__name__}")
-        if idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"{what}: idx must be int64 or int32 token indices, got {idx.dtype}")
-        if idx.device != video.device:
-            raise ValueError(f"{what}: idx is on {idx.device} but video is on {video.device}")
+        check_token_idx(what, idx, batch, video.device, "video")
     return geo
 
 

@@ -159,7 +159,7 @@ def test_gather_tokens_triton_matches_torch(gather_case, index_dtype):
 
 def test_gather_tokens_validates():
     x = torch.randn(2, 5, 3)
-    with pytest.raises(ValueError, match=r"idx must be \(B, M\)"):
+    with pytest.raises(ValueError, match=r"idx must be a \(B, M\) tensor"):
         kernels.gather_tokens(x, torch.zeros(3, 2, dtype=torch.int64))
     with pytest.raises(TypeError, match="int64 or int32"):
         kernels.gather_tokens(x, torch.zeros(2, 2))

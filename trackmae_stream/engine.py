@@ -349,11 +349,11 @@ class Trainer:
                     pred = self.model(batch.patches, batch.visible_idx, batch.masked_idx)
                     losses = compute_losses(pred, batch, lam)
                 self.scaler.scale(losses["loss"] / accum).backward()
-            batches.prefetch()  # this micro-batch's kernels are queued: now fetch and launch the next one's prep
             state.add_losses(losses, accum)
             loss_nonfinite |= ~torch.isfinite(losses["loss"].detach())
             state.timer.clips += batch.num_clips
             self.batch_in_epoch += 1
+            batches.prefetch()  # this micro-batch's kernels are queued: now fetch and launch the next one's prep
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         self.scaler.unscale_(self.optimizer)  # no-op unless fp16
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
@@ -419,8 +419,6 @@ class Trainer:
                           last_checkpoint=self.last_checkpoint, skipped_videos=self.skipped_videos)
 
     def close(self) -> None:
-        if self.device.type == "cuda":  # on an error path, side-stream work may still read the loader's buffers
-            torch.cuda.synchronize(self.device)
         self.data.close()
         self.logger.close()
         shutdown(self.dist)

@@ -8,6 +8,7 @@ reuses its memory while the training stream may still read it.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, fields
 from typing import Any, Iterator
@@ -146,28 +147,24 @@ class StreamingPrefetcher:
         exhausted. If it raises, nothing is half-committed (`__next__` never hands out a stale batch)."""
         if not self._pending or self._exhausted:
             return
-        if self.stream is None:
-            batch = self._fetch()
-            if batch is None:
-                self._exhausted = True
-                return
-            self._next = self._prepare(batch)
-            self._pending = False
-            return
-        # Start after the consumer's work queued before the last hand-out (so at most one batch ahead of it), but
-        # not after the step the consumer has just launched on that batch: that is the work to overlap.
-        if self._handed_out is None:
-            self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
-        else:
-            self.stream.wait_event(self._handed_out)
-        with torch.cuda.stream(self.stream):
-            batch = self._fetch()  # a GPU loader (DALI) then writes its output on this stream too
+        ready = None
+        with contextlib.ExitStack() as on_side_stream:
+            if self.stream is not None:
+                # Start after the consumer's work queued before the last hand-out (so at most one batch ahead of
+                # it), but not after the step the consumer has just launched on that batch: the work to overlap.
+                if self._handed_out is None:
+                    self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))
+                else:
+                    self.stream.wait_event(self._handed_out)
+                on_side_stream.enter_context(torch.cuda.stream(self.stream))
+            batch = self._fetch()  # a GPU loader (DALI) then writes its output on the side stream too
             if batch is None:
                 self._exhausted = True
                 return
             prepared = self._prepare(batch)
-            ready = torch.cuda.Event()
-            ready.record(self.stream)
+            if self.stream is not None:
+                ready = torch.cuda.Event()
+                ready.record(self.stream)
         self._next, self._ready, self._pending = prepared, ready, False
 
     def __iter__(self) -> "StreamingPrefetcher":

@@ -3,10 +3,21 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+
+
+@dataclass
+class _Captured:
+    """One signature's graph, its static buffers, and the event after its last replay's clones."""
+
+    graph: torch.cuda.CUDAGraph
+    static_args: list[Any]
+    static_out: Any
+    last_use: torch.cuda.Event | None = None
 
 
 class CudaGraphRunner:
@@ -26,9 +37,8 @@ class CudaGraphRunner:
     def __init__(self, fn: Callable[..., Any], warmup_iters: int = 2):
         self.fn = fn
         self.warmup_iters = warmup_iters
-        self._graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[Any], Any]] = {}
+        self._graphs: dict[tuple, _Captured] = {}
         self._lock = threading.Lock()
-        self._last_use: dict[tuple, torch.cuda.Event] = {}
 
     @staticmethod
     def _signature(args: tuple) -> tuple:
@@ -41,21 +51,20 @@ class CudaGraphRunner:
             if entry is None:
                 entry = self._capture(args)
                 self._graphs[key] = entry
-            graph, static_args, static_out = entry
             stream = torch.cuda.current_stream()
-            if key in self._last_use:  # the previous replay (maybe on another stream) has read its inputs
-                stream.wait_event(self._last_use[key])
-            for static, arg in zip(static_args, args):
+            if entry.last_use is not None:  # the previous replay (maybe on another stream) has read its inputs
+                stream.wait_event(entry.last_use)
+            for static, arg in zip(entry.static_args, args):
                 if isinstance(arg, Tensor):
                     static.copy_(arg)
-            graph.replay()
-            outs = static_out.clone() if isinstance(static_out, Tensor) else tuple(o.clone() for o in static_out)
-            done = torch.cuda.Event()
-            done.record(stream)
-            self._last_use[key] = done
+            entry.graph.replay()
+            out = entry.static_out
+            outs = out.clone() if isinstance(out, Tensor) else tuple(o.clone() for o in out)
+            entry.last_use = torch.cuda.Event()
+            entry.last_use.record(stream)
             return outs
 
-    def _capture(self, args: tuple) -> tuple[torch.cuda.CUDAGraph, list[Any], Any]:
+    def _capture(self, args: tuple) -> _Captured:
         tensors = [a for a in args if isinstance(a, Tensor)]
         if not tensors or any(t.device.type != "cuda" for t in tensors):
             raise ValueError("CUDA-graph capture needs all tensor arguments on a CUDA device")
@@ -71,4 +80,4 @@ class CudaGraphRunner:
         # thread captures; the default ("global") mode would make those calls fail the capture.
         with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             static_out = self.fn(*static_args)
-        return graph, static_args, static_out
+        return _Captured(graph, static_args, static_out)
