@@ -171,18 +171,18 @@ if HAS_TRITON:
     @triton.jit
     def _motion_targets_kernel(
         tracks_ptr, targets_ptr, stat_ptr, src_scale, eps, safe_eps_sq,
-        FRAMES: tl.constexpr, GRID: tl.constexpr, UPSAMPLE: tl.constexpr, TOKENS_SIDE: tl.constexpr, POINTS_SIDE: tl.constexpr,
+        FRAMES: tl.constexpr, GRID: tl.constexpr, UPSAMPLE: tl.constexpr, TOKENS_SIDE: tl.constexpr,
+        POINTS_SIDE: tl.constexpr,
         POOL_SIDE: tl.constexpr, FROM_FIRST: tl.constexpr, NORM: tl.constexpr,
         BLOCK_TOK: tl.constexpr, BLOCK_VAL: tl.constexpr, BLOCK_POOL: tl.constexpr,
     ):
         """One program per (clip, tile of spatial tokens, time slot); the t = 0 program also writes token_stat."""
         clip = tl.program_id(0)
         t = tl.program_id(2)
-        frames: tl.constexpr = FRAMES
         num_tokens: tl.constexpr = TOKENS_SIDE * TOKENS_SIDE
         num_values: tl.constexpr = 2 * POINTS_SIDE * POINTS_SIDE
         frame_stride: tl.constexpr = GRID * GRID * 2
-        clip_tracks = tracks_ptr + clip.to(tl.int64) * frames * frame_stride
+        clip_tracks = tracks_ptr + clip.to(tl.int64) * FRAMES * frame_stride
 
         token = tl.program_id(1) * BLOCK_TOK + tl.arange(0, BLOCK_TOK)
         token_ok = token < num_tokens
@@ -213,7 +213,7 @@ if HAS_TRITON:
             wy = 0.0
             wx = 0.0
 
-        step = tl.minimum(t, frames - 2)
+        step = tl.minimum(t, FRAMES - 2)
         later = _sample_frame(clip_tracks + (step + 1) * frame_stride, y0, x0, y1, x1, wy, wx, c, GRID, UPSAMPLE,
                               ok)
         if FROM_FIRST:
@@ -242,7 +242,7 @@ if HAS_TRITON:
             else:
                 out = tl.div_rn(centred, tl.sqrt_rn(var + safe_eps_sq))
 
-        out_row = (clip.to(tl.int64) * frames + t) * num_tokens + token
+        out_row = (clip.to(tl.int64) * FRAMES + t) * num_tokens + token
         tl.store(targets_ptr + out_row[:, None] * num_values + value[None, :],
                  out.to(targets_ptr.dtype.element_ty), mask=ok)
 
@@ -290,7 +290,8 @@ def motion_targets_triton(tracks: Tensor, *, tokens_side: int, upsample: int = 2
     _motion_targets_kernel[grid](
         tracks, targets, token_stat, src_scale, float(eps), float(safe_eps) ** 2,
         FRAMES=geo.frames, GRID=geo.grid, UPSAMPLE=geo.upsample, TOKENS_SIDE=geo.tokens_side,
-        POINTS_SIDE=geo.points_side, POOL_SIDE=geo.pool_side, FROM_FIRST=displacement == "first", NORM=_NORM_CODES[norm],
+        POINTS_SIDE=geo.points_side, POOL_SIDE=geo.pool_side, FROM_FIRST=displacement == "first",
+        NORM=_NORM_CODES[norm],
         BLOCK_TOK=block_tok, BLOCK_VAL=block_val, BLOCK_POOL=next_power_of_2(geo.pool_side ** 2),
     )
     return targets, token_stat

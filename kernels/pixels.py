@@ -168,7 +168,7 @@ def pixel_targets_torch(video: Tensor, idx: Tensor | None = None, *, tubelet: in
         raw = values.float() / 255.0
     if normalize:
         centred = raw - raw.mean(dim=2, keepdim=True)
-        centred = centred - centred.mean(dim=2, keepdim=True)  # see the module doc: flat patches give exactly ~0
+        centred = centred - centred.mean(dim=2, keepdim=True)  # corrected centring (module doc): flat patches give ~0
         var = centred.square().sum(dim=2, keepdim=True) / (geo.points - 1)
         raw = centred / (var.sqrt() + eps)
     return raw.reshape(geo.batch, idx.shape[1], geo.points * 3).to(out_dtype)
