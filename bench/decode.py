@@ -18,8 +18,8 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -27,8 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_results  # noqa: E402
 
 from trackmae_stream.data import VideoClipDataset, VideoRecord, open_video, sample_clip_indices  # noqa: E402
-from trackmae_stream.data.synthetic import (encode_video, ensure_synthetic_dataset, render_clip,  # noqa: E402
-                                            sample_clip)
+from trackmae_stream.data.synthetic import encode_video, ensure_synthetic_dataset, render_clip, sample_clip  # noqa: E402
 
 CLIP_FRAMES, CLIP_RATE = 16, 4
 

@@ -15,15 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (LOCAL_RESULTS_DIR, RESULTS_DIR, device_name, device_tag, median, print_table,  # noqa: E402
-                    time_fn, write_results)
+from common import LOCAL_RESULTS_DIR, RESULTS_DIR, device_name, device_tag, median, print_table, time_fn, write_results  # noqa: E402
 
 from trackmae_stream import kernels  # noqa: E402
 from trackmae_stream.kernels import _triton as triton_support  # noqa: E402

@@ -15,7 +15,7 @@ Nothing here syncs the host: shapes depend only on arguments, and seeds/steps ar
 from __future__ import annotations
 
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

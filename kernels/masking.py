@@ -28,8 +28,7 @@ import torch
 from torch import Tensor
 
 from ._triton import HAS_TRITON, next_power_of_2, require_triton, tl, triton
-from .rng import (STREAM_HIGH_BIN, STREAM_LOW_BIN, STREAM_TUBE, counter_uniform_torch, key_argument,
-                  rng_key)
+from .rng import STREAM_HIGH_BIN, STREAM_LOW_BIN, STREAM_TUBE, counter_uniform_torch, key_argument, rng_key
 
 if HAS_TRITON:
     from .rng import triton_counter_uniform

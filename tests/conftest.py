@@ -29,7 +29,8 @@ def reference_path(relative: str) -> Path:
     """Path of a file under the shared reference folder; skips the calling test when it is absent."""
     path = REFERENCE_DIR / relative
     if not path.exists():
-        pytest.skip(f"reference file {path} is absent (set TRACKMAE_REFERENCE_DIR or check out ../shared beside the repo)")
+        pytest.skip(f"reference file {path} is absent "
+                    "(set TRACKMAE_REFERENCE_DIR or check out ../shared beside the repo)")
     return path
 
 

@@ -4,8 +4,15 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from trackmae_stream.config import (ConfigError, TrainConfig, config_from_dict, load_config, parse_overrides,
-                                    save_config, to_dict)
+from trackmae_stream.config import (
+    ConfigError,
+    TrainConfig,
+    config_from_dict,
+    load_config,
+    parse_overrides,
+    save_config,
+    to_dict,
+)
 
 
 def test_default_preset_resolves_tiny_model():

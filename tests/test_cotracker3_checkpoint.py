@@ -6,9 +6,16 @@ import hashlib
 import pytest
 import torch
 
-from trackmae_stream.tracking.cotracker3 import (OFFICIAL_CHECKPOINT_URLS, CheckpointError, CoTrackerThreeOffline,
-                                                 CoTrackerThreeOnline, build_cotracker3, check_state_dict,
-                                                 load_checkpoint, read_state_dict)
+from trackmae_stream.tracking.cotracker3 import (
+    OFFICIAL_CHECKPOINT_URLS,
+    CheckpointError,
+    CoTrackerThreeOffline,
+    CoTrackerThreeOnline,
+    build_cotracker3,
+    check_state_dict,
+    load_checkpoint,
+    read_state_dict,
+)
 from trackmae_stream.tracking.cotracker3.checkpoint import resolve_checkpoint_source
 
 torch.set_num_threads(2)

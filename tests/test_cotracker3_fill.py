@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import reference_path
+
 from trackmae_stream.tracking.cotracker3 import CoTrackerThreeOffline, CoTrackerThreeOnline
 
 torch.set_num_threads(2)
@@ -50,7 +50,7 @@ def fill_value(kind: str, index: int, key: str, shape: tuple[int, ...]) -> np.nd
     return values.astype(np.float32).reshape(shape)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _filled_tensors(kind: str, layout: tuple[tuple[str, tuple[int, ...]], ...]) -> dict[str, torch.Tensor]:
     # Cached per (fill, state_dict layout): the splitmix fill of 25 M values takes ~1 s, and many tests need it.
     return {key: torch.from_numpy(fill_value(kind, k, key, shape)) for k, (key, shape) in enumerate(sorted(layout))}

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import reference_path
 from test_cotracker3_fill import filled_model
+
 from trackmae_stream.tracking.cotracker3.blocks import Attention
 from trackmae_stream.tracking.cotracker3.model import CoTrackerThreeOffline, motion_posenc
 

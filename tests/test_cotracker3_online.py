@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import reference_path
 from test_cotracker3_fill import filled_model
 from test_cotracker3_model import _random_clips

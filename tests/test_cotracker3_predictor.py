@@ -7,10 +7,10 @@ import logging
 import numpy as np
 import pytest
 import torch
-
 from conftest import reference_path
 from test_cotracker3_fill import fill_state_dict, filled_model
 from test_cotracker3_model import _random_clips
+
 from trackmae_stream.tracking.base import GRID_RULES, PointTracker, TrackerOutput, grid_queries
 from trackmae_stream.tracking.cotracker3 import CoTracker3Predictor, CoTracker3Tracker, resolve_resolution
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from conftest import reference_path
 from test_cotracker3_fill import filled_model
+
 from trackmae_stream.tracking.cotracker3 import CoTracker3Predictor
 
 torch.set_num_threads(2)

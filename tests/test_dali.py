@@ -25,8 +25,7 @@ from test_dali_helpers import BT601_LUMA, iterate_epoch, smooth_clip, swscale_rg
 from test_data_helpers import bilinear_resize_reference, small_synthetic_set  # noqa: E402
 
 from trackmae_stream.data import VideoClipDataset, VideoRecord, build_pretrain_loader, read_video_list  # noqa: E402
-from trackmae_stream.data.dali import (build_dali_loader, probe_records, probe_video,  # noqa: E402
-                                       DALI_CPU_CODECS, SKIPPED_WIDTH)
+from trackmae_stream.data.dali import DALI_CPU_CODECS, SKIPPED_WIDTH, build_dali_loader, probe_records, probe_video  # noqa: E402
 from trackmae_stream.data.decode import VideoDecodeError  # noqa: E402
 from trackmae_stream.data.skips import TooManySkippedVideosError  # noqa: E402
 from trackmae_stream.data.synthetic import encode_video  # noqa: E402

@@ -9,13 +9,18 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
-
 from test_data_helpers import bilinear_resize_reference, decode_all_frames, small_synthetic_set
+
 from trackmae_stream.data import IMAGENET_MEAN, IMAGENET_STD, VideoDecodeError, normalize_clip, open_video
 from trackmae_stream.data.decode import DECODERS, OpenCVReader, sample_clip_indices
 from trackmae_stream.data.synthetic import encode_video, render_clip, sample_clip
-from trackmae_stream.data.transforms import (CropBox, crop_resize_flip, crop_size_pairs, fixed_crop_offsets,
-                                             sample_multi_scale_crop)
+from trackmae_stream.data.transforms import (
+    CropBox,
+    crop_resize_flip,
+    crop_size_pairs,
+    fixed_crop_offsets,
+    sample_multi_scale_crop,
+)
 
 H264_FRAMES = 75
 

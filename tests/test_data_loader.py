@@ -7,10 +7,17 @@ import av
 import numpy as np
 import pytest
 import torch
-
 from test_data_helpers import SMALL_SET, bilinear_resize_reference, decode_all_frames, small_synthetic_set
-from trackmae_stream.data import (ResumableDistributedSampler, SkipCounter, TooManySkippedVideosError,
-                                  VideoClipDataset, VideoRecord, build_pretrain_loader, read_video_list)
+
+from trackmae_stream.data import (
+    ResumableDistributedSampler,
+    SkipCounter,
+    TooManySkippedVideosError,
+    VideoClipDataset,
+    VideoRecord,
+    build_pretrain_loader,
+    read_video_list,
+)
 from trackmae_stream.data.sampler import count_batches
 from trackmae_stream.data.synthetic import encode_video, render_clip, sample_clip
 

@@ -25,8 +25,8 @@ DTYPES = {"f32": "*fp32", "bf16": "*bf16", "i64": "*i64", "u8": "*u8", "bool": "
 def _cases() -> list[tuple]:
     motion = [(f"motion_targets upsample={up} norm={norm} first={first}", "motion", "_motion_targets_kernel",
                dict(tracks_ptr="f32", targets_ptr="bf16", stat_ptr="f32", src_scale=0.5, eps=1e-6, safe_eps_sq=1e-4),
-               dict(FRAMES=8, GRID=grid, UPSAMPLE=up, TOKENS_SIDE=14, POINTS_SIDE=2, POOL_SIDE=grid // 14, FROM_FIRST=first,
-                    NORM=norm, BLOCK_TOK=64, BLOCK_VAL=8, BLOCK_POOL=(grid // 14) ** 2))
+               dict(FRAMES=8, GRID=grid, UPSAMPLE=up, TOKENS_SIDE=14, POINTS_SIDE=2, POOL_SIDE=grid // 14,
+                    FROM_FIRST=first, NORM=norm, BLOCK_TOK=64, BLOCK_VAL=8, BLOCK_POOL=(grid // 14) ** 2))
               for up, grid, norm, first in [(2, 14, 1, False), (1, 28, 0, False), (2, 14, 2, True)]]
     masks = [(f"mask by_stat={by_stat} draws={draws}", "masking", "_tube_mask_kernel",
               dict(stat_ptr="f32", high_draws_ptr="f32", low_draws_ptr="f32", mask_ptr="bool", visible_ptr="i64",

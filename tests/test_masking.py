@@ -13,9 +13,16 @@ from scipy.stats import chi2
 
 from trackmae_stream import kernels
 from trackmae_stream.kernels import _triton as triton_support
-from trackmae_stream.kernels.masking import (MaskOutput, motion_aware_mask_from_order_torch, motion_aware_mask_torch,
-                                             motion_aware_mask_triton, motion_bin_counts, motion_bin_order_torch,
-                                             tube_mask_torch, tube_mask_triton)
+from trackmae_stream.kernels.masking import (
+    MaskOutput,
+    motion_aware_mask_from_order_torch,
+    motion_aware_mask_torch,
+    motion_aware_mask_triton,
+    motion_bin_counts,
+    motion_bin_order_torch,
+    tube_mask_torch,
+    tube_mask_triton,
+)
 from trackmae_stream.kernels.motion import motion_targets_torch
 
 needs_triton = pytest.mark.skipif(not triton_support.HAS_TRITON, reason="triton does not import")

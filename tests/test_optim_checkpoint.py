@@ -13,8 +13,14 @@ import numpy as np
 import pytest
 import torch
 
-from trackmae_stream.checkpoint import (CheckpointError, CheckpointManager, atomic_save, capture_rng_state,
-                                        load_checkpoint, restore_rng_state)
+from trackmae_stream.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    atomic_save,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+)
 from trackmae_stream.config import OptimConfig
 from trackmae_stream.model import TrackMAE, TrackMAEShape
 from trackmae_stream.optim import CosineSchedule, parameter_groups, peak_lr

@@ -7,11 +7,19 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from test_data_helpers import SMALL_SET, bilinear_sample, decode_all_frames, small_synthetic_set
+
 from trackmae_stream.data import read_video_list
-from trackmae_stream.data.synthetic import (CLASS_NAMES, DIRECTIONS, ROTATION_SENSES, ensure_synthetic_dataset,
-                                            ground_truth_tracks, lattice_queries, load_motion, tracks_path)
+from trackmae_stream.data.synthetic import (
+    CLASS_NAMES,
+    DIRECTIONS,
+    ROTATION_SENSES,
+    ensure_synthetic_dataset,
+    ground_truth_tracks,
+    lattice_queries,
+    load_motion,
+    tracks_path,
+)
 
 TINY = dict(num_videos=3, size=32, num_frames=4, seed=11)
 

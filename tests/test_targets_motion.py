@@ -11,8 +11,12 @@ from conftest import reference_path, reference_sets
 
 from trackmae_stream import kernels
 from trackmae_stream.kernels import _triton as triton_support
-from trackmae_stream.kernels.motion import (motion_targets_torch, motion_targets_triton, step_displacements,
-                                            upsample_tracks)
+from trackmae_stream.kernels.motion import (
+    motion_targets_torch,
+    motion_targets_triton,
+    step_displacements,
+    upsample_tracks,
+)
 
 needs_triton = pytest.mark.skipif(not triton_support.HAS_TRITON, reason="triton does not import")
 

@@ -11,8 +11,14 @@ from conftest import reference_path, reference_sets
 
 from trackmae_stream import kernels
 from trackmae_stream.kernels import _triton as triton_support
-from trackmae_stream.kernels.pixels import (IMAGENET_MEAN, IMAGENET_STD, gather_patches_torch, gather_patches_triton,
-                                            pixel_targets_torch, pixel_targets_triton)
+from trackmae_stream.kernels.pixels import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    gather_patches_torch,
+    gather_patches_triton,
+    pixel_targets_torch,
+    pixel_targets_triton,
+)
 
 needs_triton = pytest.mark.skipif(not triton_support.HAS_TRITON, reason="triton does not import")
 

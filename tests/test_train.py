@@ -215,7 +215,8 @@ def test_trains_with_cotracker3_checkpoint_and_clip_target(synthetic, tmp_path):
 
 
 def test_linear_probe_of_a_trained_checkpoint(tmp_path, capsys):
-    from trackmae_stream.probe import main as probe_main, run_probe
+    from trackmae_stream.probe import main as probe_main
+    from trackmae_stream.probe import run_probe
 
     # 4 clips per class, so that the held-out split is not empty
     synthetic = ensure_synthetic_dataset(tmp_path / "syn32", num_videos=32, size=64, num_frames=20)
@@ -224,7 +225,8 @@ def test_linear_probe_of_a_trained_checkpoint(tmp_path, capsys):
     trained = run_probe(summary.last_checkpoint)
     baseline = run_probe(summary.last_checkpoint, random_init=True)
     n_train = len(synthetic.list_file.read_text().split())
-    assert trained.num_train == n_train // 2 and trained.num_val == len(synthetic.val_list_file.read_text().split()) // 2
+    n_val = len(synthetic.val_list_file.read_text().split())
+    assert trained.num_train == n_train // 2 and trained.num_val == n_val // 2
     assert 0.0 <= trained.top1 <= 1.0 and trained.num_classes == len(synthetic.class_names)
     assert (trained.train_top1, trained.top1) != (baseline.train_top1, baseline.top1) or trained != baseline
     out = tmp_path / "probe.json"

@@ -14,9 +14,9 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
-PRESET_DIR = Path(__file__).resolve().parent / "configs"
-
 from .constants import IMAGENET_MEAN, IMAGENET_STD
+
+PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -50,7 +50,8 @@ class DataConfig:
 
 @dataclass
 class TrackerConfig:
-    backend: str = "auto"  # "auto": cotracker3 when a checkpoint is set, else lucas-kanade | "cotracker3" | "lucas-kanade"
+    # "auto": cotracker3 when a checkpoint is set, else lucas-kanade | "cotracker3" | "lucas-kanade"
+    backend: str = "auto"
     checkpoint: str | None = None  # local CoTracker3 file (scaled_offline.pth) or "official" (hub download)
     sha256: str | None = None
     variant: str = "offline"  # "offline" | "online"
@@ -246,7 +247,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     t = cfg.tracker
     if cfg.target.motion or cfg.mask.type == "motion":
         if t.backend == "cotracker3" and not t.checkpoint:
-            _fail("tracker.checkpoint", t.checkpoint, "tracker.backend='cotracker3' needs a checkpoint path (or 'official')")
+            _fail("tracker.checkpoint", t.checkpoint,
+                  "tracker.backend='cotracker3' needs a checkpoint path (or 'official')")
         if t.checkpoint and t.checkpoint != "official" and not Path(t.checkpoint).expanduser().is_file():
             _fail("tracker.checkpoint", t.checkpoint, "file not found")
         side = tokens_per_side(cfg)

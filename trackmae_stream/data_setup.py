@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
-from .data import (SkipCounter, VideoClipDataset, build_pretrain_loader, ensure_synthetic_dataset, read_video_list)
+from .data import SkipCounter, VideoClipDataset, build_pretrain_loader, ensure_synthetic_dataset, read_video_list
 from .distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)

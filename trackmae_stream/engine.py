@@ -288,7 +288,8 @@ class Trainer:
             log.info("nothing to do: step %d >= total steps %d", self.step, self.total_steps)
             return self._summary()
         accum = cfg.optim.accum_steps
-        state = _IntervalState(self.device, ["spatial"] * (cfg.target.spatial != "none") + ["motion"] * cfg.target.motion)
+        loss_names = ["spatial"] * (cfg.target.spatial != "none") + ["motion"] * cfg.target.motion
+        state = _IntervalState(self.device, loss_names)
         progress = None
         if cfg.progress and self.dist.is_main:
             from tqdm import tqdm
@@ -331,7 +332,7 @@ class Trainer:
                            "checkpoint": str(summary.last_checkpoint), "skipped_videos": summary.skipped_videos})
         return summary
 
-    def _train_step(self, batches: StreamingPrefetcher, state: "_IntervalState") -> None:
+    def _train_step(self, batches: StreamingPrefetcher, state: _IntervalState) -> None:
         """One optimizer step over `accum_steps` micro-batches; no host sync."""
         cfg = self.cfg
         accum = cfg.optim.accum_steps
@@ -383,7 +384,7 @@ class Trainer:
                 f"non-finite loss or gradient at step {bad + 1}: stopping without writing a checkpoint (the last "
                 f"good one is {self.last_checkpoint or 'none'}); lower optim.lr or enable optim.clip_grad")
 
-    def _log_interval(self, state: "_IntervalState") -> dict[str, Any]:
+    def _log_interval(self, state: _IntervalState) -> dict[str, Any]:
         """The one host sync of an interval: wall time, reduced losses, skips, memory."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -167,7 +168,7 @@ class StreamingPrefetcher:
                 ready.record(self.stream)
         self._next, self._ready, self._pending = prepared, ready, False
 
-    def __iter__(self) -> "StreamingPrefetcher":
+    def __iter__(self) -> StreamingPrefetcher:
         return self
 
     def __next__(self) -> TrainBatch:

@@ -23,8 +23,14 @@ from torch import Tensor
 
 from .checkpoint import CheckpointError, load_checkpoint, state_dict_problems
 from .config import config_from_dict
-from .data import (VideoClipDataset, VideoListError, build_pretrain_loader, ensure_synthetic_dataset, normalize_clip,
-                   read_video_list)
+from .data import (
+    VideoClipDataset,
+    VideoListError,
+    build_pretrain_loader,
+    ensure_synthetic_dataset,
+    normalize_clip,
+    read_video_list,
+)
 from .model.adapters import StateDictError, to_native, unwrap_checkpoint
 from .model.vit import VideoEncoder
 

@@ -40,10 +40,11 @@ import importlib
 import json
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -56,7 +57,7 @@ from .sampler import ResumableDistributedSampler, count_batches
 from .skips import DEFAULT_MAX_SKIP_FRACTION, TooManySkippedVideosError
 from .transforms import DEFAULT_SCALES
 
-try:  # DALI is optional (setup.py extra "dali"): the module imports without it and says so when used
+try:  # DALI is optional (pyproject extra "dali"): the module imports without it and says so when used
     from nvidia.dali import fn, pipeline_def, types
     from nvidia.dali.plugin.pytorch import DALIGenericIterator
 except ImportError as _error:  # pragma: no cover - exercised only where DALI is absent
@@ -77,7 +78,7 @@ _PROBE_CACHE_VERSION = 1
 def _require_dali() -> None:
     if _DALI_IMPORT_ERROR is not None:
         raise ImportError("the DALI loader needs NVIDIA DALI: pip install nvidia-dali-cuda130==2.4.0 "
-                          f"(setup.py extra 'dali'); import failed with: {_DALI_IMPORT_ERROR}")
+                          f"(pyproject extra 'dali'); import failed with: {_DALI_IMPORT_ERROR}")
 
 
 # ------------------------------------------------------------------------------------------------ probing

@@ -7,12 +7,12 @@ index (the loader's sampler yields (epoch, index) keys) because persistent worke
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from .decode import DEFAULT_DECODER, DECODERS, ShortReadError, VideoDecodeError, open_video, sample_clip_indices
+from .decode import DECODERS, DEFAULT_DECODER, ShortReadError, VideoDecodeError, open_video, sample_clip_indices
 from .lists import VideoRecord
 from .transforms import DEFAULT_SCALES, CropBox, crop_resize_flip, sample_crop_and_flip
 

@@ -16,9 +16,10 @@ imported only when used.
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import cv2
 import numpy as np
@@ -85,7 +86,7 @@ class VideoReader(abc.ABC):
     def close(self) -> None:
         ...
 
-    def __enter__(self) -> "VideoReader":
+    def __enter__(self) -> VideoReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,8 +1,8 @@
 """The pretraining DataLoader: sharded, resumable, persistent prefetching workers, repeats flattened into the batch."""
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -81,7 +81,7 @@ class PretrainLoader:
             shutdown()
         self.loader._iterator = None
 
-    def __enter__(self) -> "PretrainLoader":
+    def __enter__(self) -> PretrainLoader:
         return self
 
     def __exit__(self, *exc: object) -> None:

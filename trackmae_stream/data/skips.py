@@ -12,8 +12,8 @@ which estimates the same fraction.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from torch import Tensor
 

@@ -28,9 +28,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Iterator
 
 import cv2
 import numpy as np
@@ -110,7 +110,7 @@ class ClipMotion:
         return {f"motion_{f.name}": np.asarray(getattr(self, f.name)) for f in fields(self)}
 
     @classmethod
-    def from_arrays(cls, arrays, source: str = "arrays") -> "ClipMotion":
+    def from_arrays(cls, arrays, source: str = "arrays") -> ClipMotion:
         values = {}
         for f in fields(cls):
             key = f"motion_{f.name}"

@@ -6,8 +6,8 @@ normalises whole clips with the same constants, for feature extraction and evalu
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
+
 DEFAULT_SCALES: tuple[float, ...] = (1.0, 0.875, 0.75, 0.66)
 _MAX_RESIZE_CHANNELS = 128  # OpenCV 5 converts arrays of at most 128 channels: 42 RGB frames per resize call
 

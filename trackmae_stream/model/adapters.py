@@ -7,14 +7,14 @@ Formats:
     fused bias (the key bias is zero), no motion decoder, no position tables. VideoMAE's fine-tuning code reads this.
   - "trackmae_public": rvandeghen/TrackMAE: fused `attn.qkv.bias`, motion decoder `tracker_decoder.*` with projection
     `encoder_to_tracker`, and saved `encoder.pos_embed` / `decoder_pos_embed` buffers.
-A key bias adds the same q·b_k to every logit of a query row, so softmax ignores it: dropping it on export to VideoMAE is
-exact. Every load checks that every expected key arrived with its shape (transformers once loaded old q_bias/v_bias
+A key bias adds the same q·b_k to every logit of a query row, so softmax ignores it: dropping it on export to VideoMAE
+is exact. Every load checks that every expected key arrived with its shape (transformers once loaded old q_bias/v_bias
 checkpoints with the biases silently zero; that must not happen here).
 """
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor, nn

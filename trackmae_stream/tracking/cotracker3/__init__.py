@@ -3,8 +3,16 @@ the official `CoTrackerPredictor` (with options beyond it), the trainer's `Point
 
 Command line: `python -m trackmae_stream.tracking.cotracker3 VIDEO --weights PATH --grid 14 --out tracks.npz`.
 """
-from .checkpoint import (OFFICIAL_CHECKPOINT_URLS, VARIANTS, CheckpointError, build_cotracker3, check_state_dict,
-                         file_sha256, load_checkpoint, read_state_dict)
+from .checkpoint import (
+                         OFFICIAL_CHECKPOINT_URLS,
+                         VARIANTS,
+                         CheckpointError,
+                         build_cotracker3,
+                         check_state_dict,
+                         file_sha256,
+                         load_checkpoint,
+                         read_state_dict,
+)
 from .flops import FlopBreakdown, cotracker3_gflop
 from .model import CoTrackerThreeBase, CoTrackerThreeOffline, CoTrackerThreeOnline
 from .predictor import CoTracker3Predictor, Prediction, resolve_resolution
