@@ -76,6 +76,10 @@ class TargetConfig:
     displacement: str = "frame"  # "frame" (public) | "first" (cumulative from the first frame)
     motion_norm: str = "patch"  # "patch" (public) | "none" | "patch_safe"
     motion_weight: float | None = None  # λ; None = 1.0 with pixels, 0.25 with CLIP (the paper's values)
+    # Drop points the tracker marks invisible (visibility < visibility_threshold at either end of a step) from the
+    # motion target's loss and the binning statistic. Off: the public code trains on every point, occluded or not.
+    drop_invisible: bool = False
+    visibility_threshold: float = 0.5
 
 
 @dataclass
@@ -137,6 +141,8 @@ class TrainConfig:
     log_every: int = 20
     ckpt_every: int = 1000  # optimizer steps; a final checkpoint is always written
     keep_checkpoints: int = 3
+    visualize_every: int = 0  # steps between pictures (frames, mask, reconstruction, motion) in TensorBoard and
+    #                           <run>/pictures/; 0 = only at the end of the run
     peak_tflops: float | None = None  # for MFU; None = looked up from the device name
     progress: bool = True
     tensorboard: bool = True
@@ -290,6 +296,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _fail(prefix, dim, f"must be divisible by its head count {heads}")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).expanduser().is_file():
         _fail("resume", cfg.resume, "checkpoint file not found (use 'auto' to pick the newest in the run folder)")
+    if not 0.0 <= cfg.target.visibility_threshold <= 1.0:
+        _fail("target.visibility_threshold", cfg.target.visibility_threshold, "must lie in [0, 1]")
+    if cfg.visualize_every < 0:
+        _fail("visualize_every", cfg.visualize_every, "must be >= 0 (0: pictures only at the end of the run)")
     if cfg.keep_checkpoints < 1:
         _fail("keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
     return cfg
