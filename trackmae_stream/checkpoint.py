@@ -18,13 +18,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})\.pt$")
 REQUIRED_SECTIONS = ("model", "optimizer", "step", "epoch", "batch_in_epoch", "config", "rng")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable or lacks a section; the message names the file."""
 
 

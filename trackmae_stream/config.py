@@ -15,11 +15,12 @@ from typing import Any, get_args, get_origin, get_type_hints
 import yaml
 
 from .constants import IMAGENET_MEAN, IMAGENET_STD
+from .errors import UserError
 
 PRESET_DIR = Path(__file__).resolve().parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or out of range; the message names the key."""
 
 

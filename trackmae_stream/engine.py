@@ -26,6 +26,7 @@ from .checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, r
 from .config import ConfigError, TrainConfig, motion_weight, save_config, to_dict, tracker_grid_size
 from .data_setup import DataSetup, build_data
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
+from .errors import UserError
 from .metrics import IntervalTimer, MetricLogger, format_record, memory_gib, peak_tflops
 from .model import TrackMAE, TrackMAEShape, count_parameters, describe, forward_flops, resolve_backend
 from .optim import CosineSchedule, build_optimizer, peak_lr, set_lr
@@ -35,7 +36,7 @@ from .targets import TargetBuilder
 log = logging.getLogger("trackmae_stream")
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite; the message names the step. No checkpoint is written after it."""
 
 

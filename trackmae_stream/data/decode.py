@@ -24,13 +24,15 @@ from typing import Any
 import cv2
 import numpy as np
 
+from ..errors import UserError
+
 DECODERS = ("opencv", "pyav")
 DEFAULT_DECODER = "opencv"
 #: Decode forward instead of seeking when the next wanted frame is at most this many frames ahead.
 DEFAULT_SEEK_THRESHOLD = 32
 
 
-class VideoDecodeError(RuntimeError):
+class VideoDecodeError(UserError, RuntimeError):
     """A video that cannot be used: missing, unreadable, corrupt, truncated or too short."""
 
     def __init__(self, path: str | Path, reason: str):

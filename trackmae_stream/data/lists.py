@@ -13,10 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import UserError
+
 UNLABELLED = -1
 
 
-class VideoListError(ValueError):
+class VideoListError(UserError, ValueError):
     """A malformed video list; the message names the file and the line."""
 
 

@@ -17,12 +17,13 @@ from pathlib import Path
 
 from torch import Tensor
 
+from ..errors import UserError
 from .lists import VideoRecord
 
 DEFAULT_MAX_SKIP_FRACTION = 0.1
 
 
-class TooManySkippedVideosError(RuntimeError):
+class TooManySkippedVideosError(UserError, RuntimeError):
     """The fraction of unusable videos passed the configured bound."""
 
 

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 FORMATS = ("native", "videomae", "trackmae_public")
 _QKV_BIAS = re.compile(r"^(.*\.attn)\.qkv\.bias$")
 _Q_BIAS = re.compile(r"^(.*\.attn)\.q_bias$")
@@ -26,7 +28,7 @@ _PUBLIC_RENAMES = (("tracker_decoder.", "motion_decoder."), ("encoder_to_tracker
 _POSITION_TABLES = ("encoder.pos_embed", "decoder_pos_embed", "pos_embed")
 
 
-class StateDictError(RuntimeError):
+class StateDictError(UserError, RuntimeError):
     """A checkpoint does not fit the model; the message lists the keys."""
 
 

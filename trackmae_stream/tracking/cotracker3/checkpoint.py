@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ...checkpoint import state_dict_problems
+from ...errors import UserError
 from .model import CoTrackerThreeBase, CoTrackerThreeOffline, CoTrackerThreeOnline
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ VARIANTS = ("offline", "online")
 _MODEL_CLASSES = {"offline": CoTrackerThreeOffline, "online": CoTrackerThreeOnline}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used: unreadable, wrong hash, or keys/shapes that do not match the model."""
 
 
