@@ -21,12 +21,17 @@ SHAPES = {"decoder 1568x6x64": (1568, 6, 64), "encoder 160x12x64": (160, 12, 64)
           "encoder 320x12x64 (mask 0.8)": (320, 12, 64)}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (bench/gpu_check.py --dry-run parses its planned arguments with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backends = ["sdpa"] + (["xformers"] if device.type == "cuda" and xformers_available() else [])

@@ -30,7 +30,12 @@ def device_tag(device: torch.device) -> str:
     """
     if device.type != "cuda":
         return "cpu"
-    name = device_name(device).lower()
+    return tag_from_name(device_name(device))
+
+
+def tag_from_name(name: str) -> str:
+    """device_tag for a GPU given by its name (as torch.cuda.get_device_name or nvidia-smi print it)."""
+    name = name.lower()
     for tag in ("gh200", "h200", "h100", "a100", "l40s", "a10g", "v100"):
         if tag in name:
             return tag
@@ -66,6 +71,18 @@ def time_fn(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def copy_bandwidth(device: torch.device, repeats: int, numel: int | None = None) -> float:
+    """GB/s of a plain device copy (read + write), the ceiling a memory-bound kernel can reach.
+
+    numel: fp32 elements per buffer; default 1 GiB on CUDA (far beyond L2), 128 MiB on CPU.
+    """
+    numel = numel or ((1 << 28) if device.type == "cuda" else (1 << 25))
+    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    seconds = median(time_fn(lambda: dst.copy_(src), device, repeats=repeats))
+    return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
 def write_results(payload: dict, out: str | Path | None, default_name: str, *,

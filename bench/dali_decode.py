@@ -61,7 +61,8 @@ def measure(loader, args) -> dict:
     return {"seconds": seconds, "clips_per_s": clips / seconds, "frames_per_s": clips * args.num_frames / seconds}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (bench/gpu_check.py --dry-run parses its planned arguments with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--list", default=None, help="VideoMAE list file (default: the synthetic set)")
     parser.add_argument("--codec", default="vp9", choices=("vp9", "h264"))
@@ -79,7 +80,11 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.list:
         records, source = read_video_list(args.list), args.list

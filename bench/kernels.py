@@ -22,7 +22,17 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import LOCAL_RESULTS_DIR, RESULTS_DIR, device_name, device_tag, median, print_table, time_fn, write_results  # noqa: E402
+from common import (  # noqa: E402
+    LOCAL_RESULTS_DIR,
+    RESULTS_DIR,
+    copy_bandwidth,
+    device_name,
+    device_tag,
+    median,
+    print_table,
+    time_fn,
+    write_results,
+)
 
 from trackmae_stream import kernels  # noqa: E402
 from trackmae_stream.kernels import _triton as triton_support  # noqa: E402
@@ -105,22 +115,18 @@ def build_cases(shapes: Shapes, device: torch.device) -> list[Case]:
     ]
 
 
-def copy_bandwidth(device: torch.device, repeats: int) -> float:
-    """GB/s of a plain device copy (read + write), the ceiling a memory-bound kernel can reach."""
-    numel = (1 << 28) if device.type == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
-    src = torch.empty(numel, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    seconds = median(time_fn(lambda: dst.copy_(src), device, repeats=repeats))
-    return 2 * src.numel() * src.element_size() / seconds / 1e9
-
-
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (bench/gpu_check.py --dry-run parses its planned arguments with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="small shapes (always on without a GPU)")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant")
     parser.add_argument("--out", default=None, help="JSON path")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = args.small or device.type != "cuda"

@@ -8,6 +8,7 @@ events after warm-up; on CPU it runs one small shape (and says so). Prints a tab
 
     python bench/tracker.py                       # -> bench/results/tracker_<device>.json
     python bench/tracker.py --batch-sizes 1 8 --modes eager graph --out /tmp/tracker.json
+    python bench/tracker.py --batch-sizes 32 --configs official:fp32:eager:6 native:bf16:graph:4   # just these
 """
 from __future__ import annotations
 
@@ -31,6 +32,18 @@ from trackmae_stream.tracking.cotracker3.predictor import resolve_resolution  # 
 MODES = {"eager": {}, "compile": {"compile": True}, "graph": {"cuda_graph": True},
          "compile+graph": {"compile": True, "cuda_graph": True}}
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+RESOLUTIONS = ("native", "official")
+
+
+def parse_setting(text: str) -> tuple[str, str, str, int]:
+    """'native:bf16:graph:4' -> (resolution, dtype, mode, iters), for --configs."""
+    parts = text.split(":")
+    if (len(parts) != 4 or parts[0] not in RESOLUTIONS or parts[1] not in DTYPES or parts[2] not in MODES
+            or not parts[3].isdigit() or int(parts[3]) < 1):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected RESOLUTION:DTYPE:MODE:ITERS with resolution in {RESOLUTIONS}, dtype in "
+            f"{tuple(DTYPES)}, mode in {tuple(MODES)} and iters >= 1, e.g. native:bf16:graph:4")
+    return parts[0], parts[1], parts[2], int(parts[3])
 
 
 def run_config(resolution: str, dtype: str, mode: str, iters: int, batch: int, args, device: torch.device) -> dict:
@@ -77,14 +90,18 @@ TABLE_COLUMNS = [("model_size", "{}", "res"), ("dtype", "{}"), ("mode", "{}"), (
                  ("peak_mem_gib", "{:.2f}", "mem GiB"), ("status", "{}")]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (bench/gpu_check.py --dry-run parses its planned arguments with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--resolutions", nargs="+", default=["native", "official"], choices=["native", "official"])
+    parser.add_argument("--resolutions", nargs="+", default=list(RESOLUTIONS), choices=RESOLUTIONS)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--modes", nargs="+", default=None, choices=list(MODES),
                         help="default: eager compile graph on CUDA, eager on CPU")
     parser.add_argument("--iters", nargs="+", type=int, default=[4, 6])
+    parser.add_argument("--configs", nargs="+", type=parse_setting, default=None, metavar="RES:DTYPE:MODE:ITERS",
+                        help="run exactly these settings (each at every --batch-sizes, compiled ones too) instead of "
+                             "the grid of --resolutions x --dtypes x --modes x --iters")
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None, help="default 1 8 32 (CUDA), 1 (CPU)")
     parser.add_argument("--compile-batch-sizes", nargs="+", type=int, default=[8],
                         help="batch sizes timed in the compile modes (each shape compiles anew, ~1 min on GPU)")
@@ -95,7 +112,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--out", help="JSON path (default bench/results/tracker_<device>.json)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     # The benchmark uses random weights on purpose (speed does not depend on them): skip the per-config warning.
     logging.getLogger("trackmae_stream.tracking.cotracker3.checkpoint").setLevel(logging.ERROR)
@@ -118,11 +139,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CPU run: small shape ({args.frames} frames {args.frame_size[0]}x{args.frame_size[1]}, "
               f"{args.grid}x{args.grid} grid; 'official' resizes to 384x512) -- not the GPU configuration")
 
+    if args.configs:
+        settings = [(*setting, batch) for setting in args.configs for batch in args.batch_sizes]
+    else:
+        settings = [(resolution, dtype, mode, iters, batch) for resolution, dtype, mode, iters, batch
+                in itertools.product(args.resolutions, args.dtypes, args.modes, args.iters, args.batch_sizes)
+                if not (MODES[mode].get("compile") and batch not in args.compile_batch_sizes)]
     rows = []
-    for resolution, dtype, mode, iters, batch in itertools.product(args.resolutions, args.dtypes, args.modes,
-                                                                   args.iters, args.batch_sizes):
-        if MODES[mode].get("compile") and batch not in args.compile_batch_sizes:
-            continue
+    for resolution, dtype, mode, iters, batch in settings:
         row = run_config(resolution, dtype, mode, iters, batch, args, device)
         rows.append(row)
         print(f"  {row['model_size']} {dtype} {mode} iters={iters} B={batch}: "

@@ -41,14 +41,19 @@ def random_batches(cfg, device: torch.device, count: int):
     return [{"frames": base} for _ in range(count)]
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (bench/gpu_check.py --dry-run parses its planned arguments with it)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="throughput_vit_b")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--out", default=None)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     cfg = load_config(args.preset, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu")
