@@ -61,3 +61,20 @@ def test_missing_or_empty_list(tmp_path):
     (tmp_path / "empty.txt").write_text("\n# only a comment\n")
     with pytest.raises(VideoListError, match="empty.txt: the video list has no entries"):
         read_video_list(tmp_path / "empty.txt")
+
+
+def test_a_utf8_bom_does_not_become_part_of_the_first_path(tmp_path):
+    """Editors on Windows save lists with a BOM; it is invisible, and the first video would be "missing"."""
+    (tmp_path / "bom.txt").write_bytes("\ufeffvideos/a.mp4 3\nvideos/b.mp4 4\n".encode())
+    records = read_video_list(tmp_path / "bom.txt")
+    assert records[0] == VideoRecord(tmp_path / "videos/a.mp4", 3)
+    (tmp_path / "bom_first_comment.txt").write_bytes(b"\xef\xbb\xbf# header\nc.mp4 1\n")
+    assert read_video_list(tmp_path / "bom_first_comment.txt") == [VideoRecord(tmp_path / "c.mp4", 1)]
+
+
+def test_a_folder_or_a_binary_file_given_as_the_list_says_what_it_is(tmp_path):
+    with pytest.raises(VideoListError, match=f"^{tmp_path}: is a directory, not a video list"):
+        read_video_list(tmp_path)
+    (tmp_path / "video.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42\xff\xfe\x80")
+    with pytest.raises(VideoListError, match="video.mp4: not a UTF-8 text file"):
+        read_video_list(tmp_path / "video.mp4")

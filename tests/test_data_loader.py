@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import signal
 
 import av
 import numpy as np
@@ -14,12 +16,17 @@ from trackmae_stream.data import (
     SkipCounter,
     TooManySkippedVideosError,
     VideoClipDataset,
+    VideoDecodeError,
     VideoRecord,
     build_pretrain_loader,
     read_video_list,
 )
+from trackmae_stream.data import dataset as dataset_module
+from trackmae_stream.data.dataset import UnreadableVideosError
+from trackmae_stream.data.loader import DataLoaderWorkerError
 from trackmae_stream.data.sampler import count_batches
 from trackmae_stream.data.synthetic import encode_video, render_clip, sample_clip
+from trackmae_stream.errors import UserError
 
 SMALL_CLIP = dict(num_frames=4, sampling_rate=2, input_size=32)
 
@@ -57,6 +64,7 @@ def bad_videos(synthetic, tmp_path_factory):
     data = synthetic.videos[0].read_bytes()
     for name, cut in (("truncated.webm", len(data) // 2), ("tail_cut.webm", 100)):
         (folder / name).write_bytes(data[: len(data) - cut])
+    (folder / "zero.webm").write_bytes(b"")
     assert _decodable_frames(folder / "truncated.webm") < SMALL_SET["num_frames"] - 2
     assert _decodable_frames(folder / "tail_cut.webm") == SMALL_SET["num_frames"] - 1
     return folder
@@ -188,6 +196,71 @@ def test_all_videos_failing_raises_with_the_paths(tmp_path):
     dataset = VideoClipDataset(listed, **SMALL_CLIP, max_retries=2)
     with pytest.raises(RuntimeError, match="3 videos in a row could not be decoded.*gone"):
         dataset[0]
+
+
+@pytest.mark.parametrize("decoder", ["opencv", "pyav"])
+def test_unreadable_videos_in_workers_reach_the_trainer_as_one_clean_project_error(bad_videos, decoder):
+    """When every substitute fails too, the error raised in a DataLoader worker arrives as the project's own class
+    (a UserError the trainer prints as one line), naming the files, without the worker's traceback."""
+    names = ["corrupt.webm", "zero.webm", "truncated.webm", "missing.webm"]
+    listed = [VideoRecord(bad_videos / name, 0) for name in names]
+    dataset = VideoClipDataset(listed, num_frames=8, sampling_rate=3, input_size=32, decoder=decoder)
+    with build_pretrain_loader(dataset, batch_size=2, num_workers=2, drop_last=False) as loader:
+        loader.set_epoch(0)
+        with pytest.raises(UnreadableVideosError) as error:
+            list(loader)
+    message = str(error.value)
+    assert isinstance(error.value, UserError)
+    assert message.startswith("sample ") and "videos in a row could not be decoded" in message, message
+    assert "Traceback" not in message and "DataLoader worker" not in message and "\n" not in message, message
+    assert any(str(bad_videos / name) in message for name in names), message
+
+
+def test_without_substitutes_the_video_error_crosses_the_worker_boundary_intact(bad_videos):
+    """Evaluation (substitute=False): the video's own VideoDecodeError reaches the main process as that class, with
+    its path and reason and without the worker's traceback."""
+    dataset = VideoClipDataset([VideoRecord(bad_videos / "missing.webm", 0)] * 2, **SMALL_CLIP, substitute=False)
+    with build_pretrain_loader(dataset, batch_size=1, num_workers=2, drop_last=False) as loader:
+        loader.set_epoch(0)
+        with pytest.raises(VideoDecodeError) as error:
+            list(loader)
+    assert str(error.value) == f"{bad_videos / 'missing.webm'}: missing (no such file)"
+    assert (error.value.path, error.value.reason) == (str(bad_videos / "missing.webm"), "missing (no such file)")
+
+
+def test_any_exception_while_decoding_a_video_is_a_counted_skip(records, monkeypatch, caplog):
+    real_open = dataset_module.open_video
+    poisoned = records[1].path
+
+    def open_video(path, *args, **kwargs):
+        if path == poisoned:  # e.g. a decoder library raising its own exception type on a strange file
+            raise ZeroDivisionError("float division by zero")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(dataset_module, "open_video", open_video)
+    dataset = VideoClipDataset(records, **SMALL_CLIP)
+    with caplog.at_level(logging.WARNING, logger="trackmae_stream.data.dataset"):
+        sample = dataset[(0, 1)]
+    assert int(sample["skipped"][0]) == 1 and int(sample["source_index"]) != 1
+    assert any(str(poisoned) in r.getMessage() and "ZeroDivisionError" in r.getMessage() for r in caplog.records)
+
+
+class _DiesOnIndex(VideoClipDataset):
+    """A worker killed while decoding (a decoder crash, the kernel's out-of-memory killer)."""
+
+    def __getitem__(self, key):
+        if key[1] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().__getitem__(key)
+
+
+def test_a_dead_worker_is_reported_as_a_project_error(records):
+    dataset = _DiesOnIndex(records, **SMALL_CLIP)
+    with build_pretrain_loader(dataset, batch_size=2, num_workers=2, shuffle=False, drop_last=False) as loader:
+        loader.set_epoch(0)
+        with pytest.raises(DataLoaderWorkerError, match="DataLoader worker .* (killed|exited)") as error:
+            list(loader)
+    assert isinstance(error.value, UserError) and "data.check" in str(error.value)
 
 
 def test_skip_fraction_denominator():

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import stat
 from collections import Counter
 
 import numpy as np
@@ -14,12 +16,16 @@ from trackmae_stream.data.synthetic import (
     CLASS_NAMES,
     DIRECTIONS,
     ROTATION_SENSES,
+    SYNTHETIC_VERSION,
+    SyntheticSetError,
     ensure_synthetic_dataset,
     ground_truth_tracks,
     lattice_queries,
     load_motion,
+    synthetic_set_dir,
     tracks_path,
 )
+from trackmae_stream.errors import UserError
 
 TINY = dict(num_videos=3, size=32, num_frames=4, seed=11)
 
@@ -116,9 +122,14 @@ def test_tracked_points_keep_their_colour_in_the_decoded_video(synthetic, decode
     assert occluded > 4 * median["background", "true"]
 
 
+def _listing(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
 def test_generation_is_deterministic_and_cached(tmp_path):
     first = ensure_synthetic_dataset(tmp_path / "a", **TINY)
     second = ensure_synthetic_dataset(tmp_path / "b", **TINY)
+    assert first.root.name == second.root.name and first.root.name.startswith(f"synthetic-v{SYNTHETIC_VERSION}-")
     manifest_a = json.loads((first.root / "manifest.json").read_text())
     manifest_b = json.loads((second.root / "manifest.json").read_text())
     assert manifest_a["files"] == manifest_b["files"]  # same bytes from the same seed
@@ -127,6 +138,8 @@ def test_generation_is_deterministic_and_cached(tmp_path):
     stamp = video.stat().st_mtime_ns
     again = ensure_synthetic_dataset(tmp_path / "a", **TINY)
     assert again.videos == first.videos and video.stat().st_mtime_ns == stamp  # nothing regenerated
+    # the set's own folder (as a log prints it) may be given back as the root: it is used as it is
+    assert ensure_synthetic_dataset(first.root, **TINY).videos == first.videos
 
     original = video.read_bytes()
     video.write_bytes(original[: len(original) // 2])  # corrupt one file
@@ -135,18 +148,57 @@ def test_generation_is_deterministic_and_cached(tmp_path):
     tracks_path(first.videos[1]).unlink()  # lose one file
     ensure_synthetic_dataset(tmp_path / "a", **TINY)
     assert tracks_path(first.videos[1]).is_file()
+    assert _listing(tmp_path / "a") == [f".{first.root.name}.lock", first.root.name]  # no leftovers
 
-    changed = ensure_synthetic_dataset(tmp_path / "a", **{**TINY, "seed": 12})
-    assert json.loads((changed.root / "manifest.json").read_text())["params"]["seed"] == 12
-    assert video.read_bytes() != original
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".a.lock", ".b.lock", "a", "b"]  # no leftovers
+
+def test_each_parameter_set_has_its_own_folder_and_leaves_the_others_intact(tmp_path):
+    first = ensure_synthetic_dataset(tmp_path, **TINY)
+    stamps = {p: p.stat().st_mtime_ns for p in first.root.rglob("*")}
+    changed = ensure_synthetic_dataset(tmp_path, **{**TINY, "num_videos": 4})
+    reseeded = ensure_synthetic_dataset(tmp_path, **{**TINY, "seed": 12})
+    assert len({first.root, changed.root, reseeded.root}) == 3
+    assert {first.root.parent, changed.root.parent, reseeded.root.parent} == {tmp_path}
+    assert synthetic_set_dir(tmp_path, **TINY) == first.root
+    assert json.loads((reseeded.root / "manifest.json").read_text())["params"]["seed"] == 12
+    assert len(changed.videos) == 4
+    assert {p: p.stat().st_mtime_ns for p in first.root.rglob("*")} == stamps  # untouched
+    assert ensure_synthetic_dataset(tmp_path, **TINY).videos == first.videos
+
+
+def test_leftovers_of_a_killed_generation_are_ignored_and_cleaned(tmp_path):
+    name = synthetic_set_dir(tmp_path, **TINY).name
+    leftover = tmp_path / f".{name}.tmp-4242-dead"  # a generation killed half-way
+    (leftover / "videos").mkdir(parents=True)
+    (leftover / "videos" / "clip_0000.webm").write_bytes(b"half a video")
+    trash = tmp_path / f".{name}.old-4242-dead"  # killed between moving the old set away and removing it
+    (trash / "set").mkdir(parents=True)
+    dataset = ensure_synthetic_dataset(tmp_path, **TINY)
+    assert dataset.root == tmp_path / name and len(dataset.videos) == TINY["num_videos"]
+    assert _listing(tmp_path) == [f".{name}.lock", name]
+
+
+@pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o002, 0o775, 0o664)])
+def test_files_and_folders_honour_the_umask(tmp_path, umask, folder_mode, file_mode):
+    previous = os.umask(umask)
+    try:
+        dataset = ensure_synthetic_dataset(tmp_path / "cache", **TINY)
+    finally:
+        os.umask(previous)
+    for folder in (tmp_path / "cache", dataset.root, dataset.root / "videos"):
+        assert stat.S_IMODE(folder.stat().st_mode) == folder_mode, folder
+    for path in (dataset.videos[0], tracks_path(dataset.videos[0]), dataset.list_file, dataset.root / "manifest.json",
+                 tmp_path / "cache" / f".{dataset.root.name}.lock"):
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
 
 
 def test_refuses_to_overwrite_a_foreign_folder(tmp_path):
-    (tmp_path / "mine.txt").write_text("not a synthetic set")
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    target = synthetic_set_dir(tmp_path, **TINY)
+    target.mkdir()
+    (target / "mine.txt").write_text("not a synthetic set")
+    with pytest.raises(SyntheticSetError, match="refusing to overwrite") as error:
         ensure_synthetic_dataset(tmp_path, **TINY)
-    assert (tmp_path / "mine.txt").read_text() == "not a synthetic set"
+    assert isinstance(error.value, UserError)
+    assert (target / "mine.txt").read_text() == "not a synthetic set"
 
 
 def test_h264_codec(tmp_path):
@@ -156,23 +208,29 @@ def test_h264_codec(tmp_path):
 
 
 def _generate(root: str, queue) -> None:
-    queue.put([str(p) for p in ensure_synthetic_dataset(root, **TINY).videos])
+    dataset = ensure_synthetic_dataset(root, **TINY)
+    queue.put((str(dataset.root), {str(p): p.read_bytes() for p in sorted(dataset.root.rglob("*")) if p.is_file()}))
 
 
 def test_concurrent_generation_from_two_processes(tmp_path):
+    """Two processes ask for the same set at once: one generates it, the other waits, both get the whole set."""
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    processes = [context.Process(target=_generate, args=(str(tmp_path / "set"), queue)) for _ in range(2)]
+    processes = [context.Process(target=_generate, args=(str(tmp_path), queue)) for _ in range(2)]
     for process in processes:
         process.start()
     results = [queue.get(timeout=120) for _ in processes]
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
-    assert results[0] == results[1]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".set.lock", "set"]
-    for path in results[0]:
-        assert decode_all_frames(path).shape[0] == TINY["num_frames"]
+    (root, files), (other_root, other_files) = results
+    assert root == other_root and files == other_files
+    assert len([name for name in files if name.endswith(".webm")]) == TINY["num_videos"]
+    name = synthetic_set_dir(tmp_path, **TINY).name
+    assert _listing(tmp_path) == [f".{name}.lock", name]
+    for path in files:
+        if path.endswith(".webm"):
+            assert decode_all_frames(path).shape[0] == TINY["num_frames"]
 
 
 @pytest.mark.parametrize("bad", [dict(codec="av1"), dict(size=33), dict(num_videos=0), dict(num_frames=1),

@@ -29,7 +29,9 @@ class DataConfig:
     source: str = "synthetic"  # "synthetic" (embedded, generated on first use) | "list" (VideoMAE-format list file)
     list_file: str | None = None  # `path label` or `path 0 -1` lines
     root: str | None = None  # relative list paths resolve against this (default: the list file's folder)
-    synthetic_dir: str | None = None  # default: $TRACKMAE_CACHE_DIR or ~/.cache/trackmae_stream, /synthetic-v1
+    # folder holding the synthetic sets, one `synthetic-v<version>-<hash>` folder per parameter set (default:
+    # $TRACKMAE_CACHE_DIR or ~/.cache/trackmae_stream)
+    synthetic_dir: str | None = None
     synthetic_videos: int = 48
     synthetic_size: int = 128
     synthetic_frames: int = 40
@@ -242,15 +244,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("data.max_skip_fraction", d.max_skip_fraction, "must lie in [0, 1]")
     if not d.scales or any(not 0.0 < s <= 1.0 for s in d.scales):
         _fail("data.scales", d.scales, "must be a non-empty list of crop scales in (0, 1]")
-    if len(d.mean) != 3 or len(d.std) != 3 or any(s <= 0 for s in d.std):
-        _fail("data.std", d.std, "mean and std need 3 values; std must be positive")
+    if len(d.mean) != 3:
+        _fail("data.mean", d.mean, "needs 3 values (R, G, B)")
+    if len(d.std) != 3 or any(s <= 0 for s in d.std):
+        _fail("data.std", d.std, "needs 3 positive values (R, G, B)")
     if d.source == "list":
         if not d.list_file:
             _fail("data.list_file", d.list_file, "is required when data.source='list'")
-        if not Path(d.list_file).expanduser().is_file():
+        list_path = Path(d.list_file).expanduser()
+        if list_path.is_dir():
+            _fail("data.list_file", d.list_file, "is a directory, not a list file (give the list inside it)")
+        if not list_path.is_file():
             _fail("data.list_file", d.list_file, "file not found")
         if d.root is not None and not Path(d.root).expanduser().is_dir():
-            _fail("data.root", d.root, "folder not found")
+            why = "is a file, not a folder" if Path(d.root).expanduser().exists() else "folder not found"
+            _fail("data.root", d.root, why)
+    else:  # refused rather than ignored: a run that silently trains on the synthetic set looks like a working one
+        for key, value in (("data.list_file", d.list_file), ("data.root", d.root)):
+            if value is not None:
+                _fail(key, value, f"is only read with data.source='list' (data.source={d.source!r}); add "
+                                  "data.source=list to train on the list")
     t = cfg.tracker
     if cfg.target.motion or cfg.mask.type == "motion":
         if t.backend == "cotracker3" and not t.checkpoint:

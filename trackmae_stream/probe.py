@@ -5,7 +5,9 @@
 
 Features are the encoder's output tokens (all tokens of a full-frame clip, after its final norm) averaged over
 tokens, standardised with the training set's statistics; the head is fitted full-batch with L-BFGS and weight decay,
-so the result is deterministic. On the synthetic set the classes are motion directions and rotation senses, so the
+so the result is deterministic. A video that cannot be decoded is excluded, never replaced by another one (a substitute
+would count twice, with its own label); the result counts the exclusions per split, and a probe with no decodable
+validation video fails. On the synthetic set the classes are motion directions and rotation senses, so the
 probe measures how much motion the encoder represents. `--random-init` probes the same architecture untrained, the
 baseline any pretraining must beat.
 """
@@ -13,26 +15,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .checkpoint import CheckpointError, load_checkpoint, state_dict_problems
+from .checkpoint import load_checkpoint, state_dict_problems
 from .config import config_from_dict
 from .data import (
     VideoClipDataset,
-    VideoListError,
-    build_pretrain_loader,
+    VideoDecodeError,
+    VideoRecord,
     ensure_synthetic_dataset,
     normalize_clip,
     read_video_list,
 )
+from .errors import UserError
 from .model.adapters import StateDictError, to_native, unwrap_checkpoint
 from .model.vit import VideoEncoder
+
+log = logging.getLogger(__name__)
+
+
+class ProbeError(UserError, ValueError):
+    """The probe cannot give a meaningful result: no decodable video in a split, or no lists to probe on."""
 
 
 @dataclass
@@ -43,6 +54,9 @@ class ProbeResult:
     num_val: int
     num_classes: int
     weight_decay: float
+    num_train_excluded: int = 0  # videos left out because they cannot be decoded
+    num_val_excluded: int = 0
+    excluded: list[dict[str, str]] = field(default_factory=list)  # {"split", "path", "reason"} per excluded video
     head: tuple[Tensor, Tensor, Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
     """(weight (D, C), bias (C,), feature mean, feature std): logits = ((x - mean) / std) @ weight + bias."""
 
@@ -108,12 +122,71 @@ def load_encoder_state(encoder: VideoEncoder, weights, source: str) -> None:
     encoder.load_state_dict(encoder_sd)
 
 
-def _clip_loader(records, cfg, batch_size: int, workers: int):
-    """Deterministic full-frame clips (no multi-scale crop, no flip): the same clip for a video every time."""
-    d = cfg.data
-    dataset = VideoClipDataset(records, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
-                               input_size=d.input_size, scales=(1.0,), flip=False, decoder=d.decoder, seed=cfg.seed)
-    return build_pretrain_loader(dataset, batch_size=batch_size, num_workers=workers, shuffle=False, drop_last=False)
+class _ProbeClips(torch.utils.data.Dataset):
+    """Each video's deterministic full-frame clip (no multi-scale crop, no flip), or why it cannot be decoded."""
+
+    def __init__(self, records: Sequence[VideoRecord], cfg):
+        d = cfg.data
+        self.clips = VideoClipDataset(records, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
+                                      input_size=d.input_size, scales=(1.0,), flip=False, decoder=d.decoder,
+                                      seed=cfg.seed, substitute=False)
+
+    def __len__(self) -> int:
+        return len(self.clips)
+
+    def __getitem__(self, index: int) -> dict:
+        try:
+            sample = self.clips[(0, index)]
+        except VideoDecodeError as error:  # caught in the worker: the reason travels as data
+            return {"index": index, "reason": error.reason}
+        return {"index": index, "frames": sample["frames"], "label": sample["label"]}
+
+
+def _features(encoder: VideoEncoder, records: Sequence[VideoRecord], cfg, split: str, *, batch_size: int,
+              workers: int, device: torch.device) -> tuple[Tensor, Tensor, list[dict[str, str]]]:
+    """Features and labels of the decodable videos of one split, and the excluded ones; ProbeError when none
+    decodes."""
+    loader = torch.utils.data.DataLoader(_ProbeClips(records, cfg), batch_size=batch_size, num_workers=workers,
+                                         collate_fn=list)
+    excluded: list[dict[str, str]] = []
+
+    def decodable_batches():
+        for samples in loader:
+            for sample in samples:
+                if "reason" in sample:
+                    path = str(records[sample["index"]].path)
+                    excluded.append({"split": split, "path": path, "reason": sample["reason"]})
+                    log.warning("probe: excluding %s video %s: %s", split, path, sample["reason"])
+            good = [sample for sample in samples if "reason" not in sample]
+            if good:
+                yield {"frames": torch.cat([g["frames"] for g in good]), "label": torch.cat([g["label"] for g in good])}
+
+    feats, labels = [], []
+    for batch in decodable_batches():  # per batch, so that the features of one split never hold all its clips
+        x, y = extract_features(encoder, [batch], device, tuple(cfg.data.mean), tuple(cfg.data.std))
+        feats.append(x)
+        labels.append(y)
+    if not feats:
+        name = "validation" if split == "val" else split
+        example = f"{excluded[0]['path']}: {excluded[0]['reason']}" if excluded else "the list is empty"
+        raise ProbeError(f"none of the {len(records)} {name} videos can be decoded (e.g. {example}); python -m "
+                         "trackmae_stream.data.check LIST reports every one")
+    return torch.cat(feats), torch.cat(labels), excluded
+
+
+def probe_encoder(encoder: VideoEncoder, cfg, train_records: Sequence[VideoRecord],
+                  val_records: Sequence[VideoRecord], *, batch_size: int = 8, workers: int = 0,
+                  weight_decay: float = 1e-3, device: torch.device | str = "cpu") -> ProbeResult:
+    """Linear probe of `encoder` (clips as `cfg.data` describes them) on the decodable videos of the two lists."""
+    dev = torch.device(device)
+    encoder = encoder.to(dev)
+    common = dict(batch_size=batch_size, workers=workers, device=dev)
+    # validation first: a split without one decodable video fails before the longer training split is encoded
+    val_x, val_y, val_out = _features(encoder, val_records, cfg, "val", **common)
+    train_x, train_y, train_out = _features(encoder, train_records, cfg, "train", **common)
+    result = fit_linear_probe(train_x, train_y, val_x, val_y, weight_decay=weight_decay)
+    return replace(result, num_train_excluded=len(train_out), num_val_excluded=len(val_out),
+                   excluded=train_out + val_out)
 
 
 def run_probe(checkpoint: str | Path, *, train_list: str | None = None, val_list: str | None = None,
@@ -123,7 +196,7 @@ def run_probe(checkpoint: str | Path, *, train_list: str | None = None, val_list
     cfg = config_from_dict(state["config"], check=False)
     if train_list is None or val_list is None:
         if cfg.data.source != "synthetic":
-            raise ValueError("give --train-list and --val-list: the checkpoint was not trained on the synthetic set")
+            raise ProbeError("give --train-list and --val-list: the checkpoint was not trained on the synthetic set")
         synthetic = ensure_synthetic_dataset(Path(cfg.data.synthetic_dir).expanduser() if cfg.data.synthetic_dir
                                              else None, num_videos=cfg.data.synthetic_videos,
                                              size=cfg.data.synthetic_size, num_frames=cfg.data.synthetic_frames)
@@ -135,11 +208,8 @@ def run_probe(checkpoint: str | Path, *, train_list: str | None = None, val_list
     encoder = build_encoder(cfg)
     if not random_init:
         load_encoder_state(encoder, state["model"], source=str(checkpoint))
-    encoder = encoder.to(dev)
-    mean, std = tuple(cfg.data.mean), tuple(cfg.data.std)
-    train_x, train_y = extract_features(encoder, _clip_loader(train_records, cfg, batch_size, workers), dev, mean, std)
-    val_x, val_y = extract_features(encoder, _clip_loader(val_records, cfg, batch_size, workers), dev, mean, std)
-    return fit_linear_probe(train_x, train_y, val_x, val_y, weight_decay=weight_decay)
+    return probe_encoder(encoder, cfg, train_records, val_records, batch_size=batch_size, workers=workers,
+                         weight_decay=weight_decay, device=dev)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,11 +230,16 @@ def main(argv: list[str] | None = None) -> int:
         result = run_probe(args.checkpoint, train_list=args.train_list, val_list=args.val_list, root=args.root,
                            random_init=args.random_init, batch_size=args.batch_size, workers=args.workers,
                            weight_decay=args.weight_decay, device=args.device)
-    except (CheckpointError, StateDictError, VideoListError, ValueError) as exc:
+    except (UserError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    for entry in result.excluded:
+        print(f"warning: excluded {entry['split']} video {entry['path']}: {entry['reason']}", file=sys.stderr)
     print(f"linear probe{' (random init)' if args.random_init else ''}: top-1 {result.top1:.1%} on {result.num_val} "
-          f"validation clips ({result.num_classes} classes; train top-1 {result.train_top1:.1%} on {result.num_train})")
+          f"validation clips ({result.num_classes} classes; train top-1 {result.train_top1:.1%} on {result.num_train})"
+          f"; excluded {result.num_train_excluded} of {result.num_train + result.num_train_excluded} train and "
+          f"{result.num_val_excluded} of {result.num_val + result.num_val_excluded} validation videos that do not "
+          "decode")
     if args.out:
         Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "random_init": args.random_init,
                                               **result.summary()}, indent=2) + "\n")

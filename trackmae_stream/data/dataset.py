@@ -12,7 +12,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .decode import DECODERS, DEFAULT_DECODER, ShortReadError, VideoDecodeError, open_video, sample_clip_indices
+from ..errors import UserError
+from .decode import (
+    DECODERS,
+    DEFAULT_DECODER,
+    ShortReadError,
+    VideoDecodeError,
+    open_video,
+    sample_clip_indices,
+    strip_worker_traceback,
+)
 from .lists import VideoRecord
 from .transforms import DEFAULT_SCALES, CropBox, crop_resize_flip, sample_crop_and_flip
 
@@ -23,6 +32,17 @@ logger = logging.getLogger(__name__)
 FRAME_COUNT_TOLERANCE = 2
 #: Purposes of the keyed generators (part of the key).
 TEMPORAL, CROP, SUBSTITUTE = 0, 1, 2
+
+
+class UnreadableVideosError(UserError, RuntimeError):
+    """A sample for which the video and all its substitutes failed to decode; the message names every file.
+
+    Constructed from the message alone, so that the DataLoader re-raises it from a worker as this class (with the
+    worker's traceback stripped: see `strip_worker_traceback`).
+    """
+
+    def __init__(self, message: str):
+        super().__init__(strip_worker_traceback(message, type(self)))
 
 
 def keyed_rng(seed: int, epoch: int, index: int, attempt: int, purpose: int, repeat: int = 0) -> np.random.Generator:
@@ -67,15 +87,16 @@ class VideoClipDataset(torch.utils.data.Dataset):
                     one decode, num_sample augmentations);
       crop_box      int64 (num_sample, 4), (x, y, width, height) of each crop in source pixels;
       flipped       bool (num_sample,).
-    A missing, unreadable, corrupt or too-short video (fewer than num_frames frames) is logged once per file and
-    worker, and another record, drawn from the keyed generator, takes its place; after max_retries substitutes
-    in a row fail, a RuntimeError names them all.
+    A missing, unreadable, corrupt or too-short video (fewer than num_frames frames), or any exception while decoding
+    it, is logged once per file and worker, and another record, drawn from the keyed generator, takes its place;
+    after max_retries substitutes in a row fail, UnreadableVideosError names them all. With `substitute=False`
+    (evaluation: a video must not stand in for another) the VideoDecodeError of the video itself is raised.
     """
 
     def __init__(self, records: Sequence[VideoRecord], *, num_frames: int, sampling_rate: int, input_size: int,
                  scales: Sequence[float] = DEFAULT_SCALES, max_distort: int = 1, fix_crop: bool = True,
                  more_fix_crop: bool = True, flip: bool = False, num_sample: int = 1, decoder: str = DEFAULT_DECODER,
-                 decoder_threads: int = 1, seed: int = 0, max_retries: int = 4):
+                 decoder_threads: int = 1, seed: int = 0, max_retries: int = 4, substitute: bool = True):
         if not records:
             raise ValueError("VideoClipDataset needs at least one record")
         if decoder not in DECODERS:
@@ -100,6 +121,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.decoder_threads = decoder_threads
         self.seed = seed
         self.max_retries = max_retries
+        self.substitute = substitute
         self.epoch = 0
         self._warned: set[str] = set()
 
@@ -135,28 +157,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
             logger.warning("skipping video %s: %s (another sample takes its place; the trainer counts skips)",
                            error.path, error.reason)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
-        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
-        if not 0 <= index < len(self.records):
-            raise IndexError(f"index {index} out of range for {len(self.records)} records")
-        skipped = np.full(self.max_retries, -1, dtype=np.int64)
-        failures: list[VideoDecodeError] = []
-        source = index
-        for attempt in range(self.max_retries + 1):
-            try:
-                frames, indices = self._decode(self.records[source], epoch, index, attempt)
-                break
-            except VideoDecodeError as error:
-                self._warn_once(error)
-                failures.append(error)
-                if attempt == self.max_retries:
-                    raise RuntimeError(
-                        f"sample {index}: {len(failures)} videos in a row could not be decoded: "
-                        + "; ".join(str(f) for f in failures)
-                        + ". Check the list file and the data root.") from error
-                skipped[attempt] = source
-                source = draw_substitute(len(self.records), seed=self.seed, epoch=epoch, index=index, attempt=attempt)
-
+    def _augment(self, frames: np.ndarray, epoch: int, index: int,
+                 attempt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The num_sample crops of decoded frames: clips (num_sample, T, size, size, 3), boxes, flipped flags."""
         height, width = frames.shape[1:3]
         size = self.input_size
         clips = np.empty((self.num_sample, self.num_frames, size, size, 3), dtype=np.uint8)
@@ -169,6 +172,46 @@ class VideoClipDataset(torch.utils.data.Dataset):
                 more_fix_crop=self.more_fix_crop, flip=self.flip)
             clips[repeat] = crop_resize_flip(frames, box, size, flip=bool(flipped[repeat]))
             boxes[repeat] = (box.x, box.y, box.width, box.height)
+        return clips, boxes, flipped
+
+    def _load(self, record: VideoRecord, epoch: int, index: int,
+              attempt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Clips, boxes, flips and frame indices of one record; VideoDecodeError for whatever goes wrong with it."""
+        try:
+            frames, indices = self._decode(record, epoch, index, attempt)
+            return (*self._augment(frames, epoch, index, attempt), indices)
+        except VideoDecodeError:
+            raise
+        except Exception as error:
+            # A decoder library's own exception on a strange file (or a frame no crop fits) is a bad video: skipped
+            # and counted, never a crash of the run. The type stays in the reason, so a systematic bug shows.
+            raise VideoDecodeError(record.path, f"decoding failed ({type(error).__name__}: {error})") from error
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
+        if not 0 <= index < len(self.records):
+            raise IndexError(f"index {index} out of range for {len(self.records)} records")
+        skipped = np.full(self.max_retries, -1, dtype=np.int64)
+        failures: list[VideoDecodeError] = []
+        source = index
+        for attempt in range(self.max_retries + 1):
+            try:
+                clips, boxes, flipped, indices = self._load(self.records[source], epoch, index, attempt)
+                break
+            except VideoDecodeError as error:
+                if not self.substitute:
+                    raise
+                self._warn_once(error)
+                failures.append(error)
+                if attempt == self.max_retries:
+                    raise UnreadableVideosError(
+                        f"sample {index}: {len(failures)} videos in a row could not be decoded: "
+                        + "; ".join(str(f) for f in failures)
+                        + ". Check the list file and the data root (python -m trackmae_stream.data.check LIST "
+                          "finds every unreadable video).") from error
+                skipped[attempt] = source
+                source = draw_substitute(len(self.records), seed=self.seed, epoch=epoch, index=index, attempt=attempt)
+
         label = self.records[source].label
         return {
             "frames": torch.from_numpy(clips),

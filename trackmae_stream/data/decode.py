@@ -32,11 +32,30 @@ DEFAULT_DECODER = "opencv"
 DEFAULT_SEEK_THRESHOLD = 32
 
 
+def strip_worker_traceback(message: str, error_type: type) -> str:
+    """The original message of an exception that a DataLoader worker raised.
+
+    The DataLoader re-raises a worker's exception in the main process as `error_type(text)`, where text is
+    "Caught <name> in DataLoader worker process N.\nOriginal Traceback ...\n<module>.<name>: <message>\n". Project
+    errors are printed as one `error:` line, so their constructors keep <message> only. Other text is returned as is.
+    """
+    if not message.startswith(f"Caught {error_type.__name__} ") or "\nOriginal Traceback" not in message:
+        return message
+    marker = f"\n{error_type.__module__}.{error_type.__qualname__}: "
+    at = message.rfind(marker)
+    return message[at + len(marker):].rstrip("\n") if at >= 0 else message
+
+
 class VideoDecodeError(UserError, RuntimeError):
     """A video that cannot be used: missing, unreadable, corrupt, truncated or too short."""
 
-    def __init__(self, path: str | Path, reason: str):
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: str | Path, reason: str | None = None):
+        if reason is None:  # one argument: the DataLoader re-raising a worker's error with its message
+            message = strip_worker_traceback(str(path), type(self))
+            super().__init__(message)
+            path, _, reason = message.partition(": ")
+        else:
+            super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
 

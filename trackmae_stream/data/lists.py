@@ -5,8 +5,9 @@ Accepted lines (whitespace-separated; paths therefore cannot contain spaces, as 
   - `path start_index total_frames`    VideoMAE V2 pretraining lists; only `path 0 -1` (a video file) is accepted,
                                        the label is then -1 (unlabelled). Rawframe folders (total_frames >= 0) are
                                        rejected: this loader decodes video files.
-Blank lines and lines starting with `#` are ignored. Relative paths are resolved against `root` (default: the
-list file's folder). Parsing never opens the videos (K400 lists have 240k lines).
+The file is UTF-8 (a leading byte-order mark is dropped). Blank lines and lines starting with `#` are ignored.
+Relative paths are resolved against `root` (default: the list file's folder). Parsing never opens the videos (K400
+lists have 240k lines).
 """
 from __future__ import annotations
 
@@ -59,10 +60,15 @@ def parse_video_list_line(line: str) -> tuple[str, int]:
 def read_video_list(list_file: str | Path, root: str | Path | None = None) -> list[VideoRecord]:
     """Parse a VideoMAE-format list into records; a malformed line raises VideoListError with file:line."""
     list_file = Path(list_file)
+    if list_file.is_dir():
+        raise VideoListError(f"{list_file}: is a directory, not a video list (give the list file inside it)")
     try:
-        text = list_file.read_text()
+        # utf-8-sig drops a byte-order mark, which would otherwise become an invisible part of the first path
+        text = list_file.read_text(encoding="utf-8-sig")
     except OSError as error:
         raise VideoListError(f"{list_file}: cannot read the video list ({error.strerror or error})") from error
+    except UnicodeDecodeError as error:
+        raise VideoListError(f"{list_file}: not a UTF-8 text file (byte {error.start}), so not a video list") from None
     base = Path(root) if root is not None else list_file.parent
     records = []
     for number, line in enumerate(text.splitlines(), start=1):

@@ -1,18 +1,46 @@
 """The pretraining DataLoader: sharded, resumable, persistent prefetching workers, repeats flattened into the batch."""
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from ..errors import UserError
 from .dataset import VideoClipDataset
 from .sampler import ResumableDistributedSampler
 
 #: Per-clip entries (num_sample rows per sample) are concatenated; per-sample entries are stacked.
 _PER_CLIP_KEYS = ("frames", "label", "frame_indices", "crop_box", "flipped")
 _PER_SAMPLE_KEYS = ("index", "source_index", "skipped")
+
+
+class DataLoaderWorkerError(UserError, RuntimeError):
+    """A DataLoader worker died (a decoder crash, the out-of-memory killer, a full /dev/shm): no file to name, so the
+    message says where to look."""
+
+
+def _guarded(batches: Iterator[dict[str, torch.Tensor]]) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the DataLoader's batches; turn its worker-death RuntimeError into a DataLoaderWorkerError.
+
+    The data set's own errors (UnreadableVideosError, naming the files) already arrive as project errors.
+    """
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except RuntimeError as error:
+            if isinstance(error, UserError) or "DataLoader worker (pid" not in str(error):
+                raise
+            raise DataLoaderWorkerError(
+                f"{error}: a worker process died while decoding (a decoder crash on a corrupt video, memory, or "
+                "/dev/shm too small for data.num_workers x data.prefetch_batches batches); python -m "
+                "trackmae_stream.data.check LIST finds unreadable videos, data.num_workers=0 shows a crash in the "
+                "main process") from None
+        yield batch
 
 
 def collate_clips(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -42,6 +70,11 @@ def _init_worker(_: int) -> None:
     # Workers run in parallel already: one torch thread each avoids oversubscribing the cores. (Not
     # cv2.setNumThreads: in a forked child whose parent had used OpenCV's thread pool it deadlocks.)
     torch.set_num_threads(1)
+    # A stop request is the trainer's to handle (finish the step, checkpoint): torchrun and Ctrl-C signal the whole
+    # process group, and a worker that died of it would fail the step the trainer is finishing. Workers end when the
+    # trainer closes the loader, or with it (the DataLoader's parent watchdog).
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 @dataclass
@@ -70,7 +103,8 @@ class PretrainLoader:
         return self.sampler.batches_per_epoch(self.batch_size, self.loader.drop_last)
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        return iter(self.loader)
+        # iter() now, not inside the generator: persistent workers start prefetching the epoch at this call
+        return _guarded(iter(self.loader))
 
     def close(self) -> None:
         """Stop the persistent workers now (otherwise they stop whenever the garbage collector finds the loader,

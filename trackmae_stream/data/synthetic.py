@@ -17,6 +17,9 @@ when no object above its surface covers the tracked position and the position li
 Each clip is encoded as a real video file (VP9 in .webm by default, which DALI's CPU decoder reads; H.264 in .mp4 on
 request), and `<stem>.tracks.npz` beside it holds the motion parameters plus the tracks of a regular lattice of
 frame-0 points. `ground_truth_tracks` recomputes exact tracks for any frame-0 points from the stored parameters.
+
+Every parameter set lives in its own folder of the cache, `synthetic-v<version>-<hash of the parameters>`, so that
+runs asking for different sets never touch each other's files (`ensure_synthetic_dataset`).
 """
 from __future__ import annotations
 
@@ -26,8 +29,8 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -35,8 +38,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-#: Bump when rendering, encoding or file layout changes: a cached set with another version is regenerated.
-SYNTHETIC_VERSION = 1
+from ..errors import UserError
+
+#: Bump when rendering, encoding or file layout changes: a set of another version lives in another folder.
+#: 2: one folder per parameter set (`synthetic-v2-<hash>`), generated with the user's umask.
+SYNTHETIC_VERSION = 2
 DIRECTIONS: dict[str, tuple[float, float]] = {"right": (1.0, 0.0), "left": (-1.0, 0.0), "down": (0.0, 1.0),
                                               "up": (0.0, -1.0)}
 ROTATION_SENSES: dict[str, float] = {"cw": 1.0, "ccw": -1.0}
@@ -51,6 +57,10 @@ SHAPE_ELLIPSE, SHAPE_RECTANGLE = 0, 1
 _MANIFEST = "manifest.json"
 _BACKGROUND_TEXTURE_FACTOR = 2  # background texture side = factor * frame size (it wraps around)
 _OBJECT_TEXTURE_SIDE = 64
+
+
+class SyntheticSetError(UserError, OSError):
+    """The synthetic set cannot be put where it belongs (a foreign folder in the way, an unwritable cache folder)."""
 
 
 def default_cache_dir() -> Path:
@@ -473,7 +483,7 @@ def _load_if_valid(root: Path, params: dict) -> SyntheticDataset | None:
 @contextlib.contextmanager
 def _exclusive_lock(lock_path: Path) -> Iterator[None]:
     """Inter-process lock (e.g. two torchrun ranks on one machine generating the same set)."""
-    with open(lock_path, "a+") as handle:
+    with open(lock_path, "a+") as handle:  # open() honours the umask, like every file written here
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
         try:
             yield
@@ -481,13 +491,42 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def _fresh_folder(parent: Path, prefix: str) -> Path:
+    """A new, empty folder `parent/<prefix><pid>-<random>`. Unlike tempfile.mkdtemp (always 0700), os.mkdir applies
+    the user's umask, so the set renamed into place is as readable as any other folder the user creates."""
+    while True:
+        folder = parent / f"{prefix}{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+
+
+def _remove_leftovers(root: Path) -> None:
+    """Delete the staging and trash folders of generations of `root` that were killed (the caller holds the lock, so
+    no live process owns them)."""
+    for pattern in (f".{root.name}.tmp-*", f".{root.name}.old-*"):
+        for leftover in root.parent.glob(pattern):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _refuse_foreign(root: Path) -> None:
+    """Raise SyntheticSetError when `root` holds something other than a generated set (it is never overwritten)."""
+    if root.is_file() or (root.is_dir() and not (root / _MANIFEST).exists() and any(root.iterdir())):
+        raise SyntheticSetError(f"{root}: exists, is not empty and has no {_MANIFEST}; refusing to overwrite it "
+                                "with the synthetic data set (move it away or choose another data.synthetic_dir)")
+
+
 def _replace_folder(new: Path, root: Path) -> None:
-    """Atomically put `new` at `root`, removing an old generated set (never a foreign, non-empty folder)."""
+    """Put `new` at `root`, moving aside a broken generated set of the same parameters (never a foreign folder).
+
+    A folder cannot be renamed over a non-empty one, so the old set goes to a trash folder first; a reader without
+    the lock that looks in between finds no manifest, takes the lock and waits for the new set.
+    """
     if root.exists():
-        if not (root / _MANIFEST).exists() and any(root.iterdir()):
-            raise FileExistsError(f"{root}: exists, is not empty and has no {_MANIFEST}; refusing to overwrite it "
-                                  "with the synthetic data set (choose another root)")
-        trash = Path(tempfile.mkdtemp(prefix=f".{root.name}.old-", dir=root.parent))
+        _refuse_foreign(root)
+        trash = _fresh_folder(root.parent, f".{root.name}.old-")
         os.replace(root, trash / "set")
         os.replace(new, root)
         shutil.rmtree(trash, ignore_errors=True)
@@ -495,15 +534,8 @@ def _replace_folder(new: Path, root: Path) -> None:
         os.replace(new, root)
 
 
-def ensure_synthetic_dataset(root: str | Path | None = None, *, num_videos: int = 48, size: int = 128,
-                             num_frames: int = 40, seed: int = 0, codec: str = "vp9",
-                             val_fraction: float = 0.25) -> SyntheticDataset:
-    """Generate the synthetic set into `root` on first use (default `default_cache_dir() / "synthetic-v1"`).
-
-    Idempotent: a manifest records the parameters, the version and every file's size and SHA-256; the set is
-    regenerated when they differ or a file is missing or corrupt. Generation writes into a temporary folder beside
-    `root` under an exclusive lock and renames it into place, so concurrent callers (several ranks) are safe.
-    """
+def _params(num_videos: int, size: int, num_frames: int, seed: int, codec: str, val_fraction: float) -> dict:
+    """The generation parameters, validated, as the manifest records them."""
     if codec not in CODECS:
         raise ValueError(f"unknown codec {codec!r}; expected one of {sorted(CODECS)}")
     if num_videos < 1:
@@ -514,24 +546,75 @@ def ensure_synthetic_dataset(root: str | Path | None = None, *, num_videos: int 
         raise ValueError(f"num_frames must be >= 2, got {num_frames}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    root = Path(root).expanduser() if root is not None else default_cache_dir() / f"synthetic-v{SYNTHETIC_VERSION}"
-    root = root.absolute()
-    params = {"num_videos": int(num_videos), "size": int(size), "num_frames": int(num_frames), "seed": int(seed),
-              "codec": codec, "val_fraction": float(val_fraction)}
+    return {"num_videos": int(num_videos), "size": int(size), "num_frames": int(num_frames), "seed": int(seed),
+            "codec": codec, "val_fraction": float(val_fraction)}
+
+
+def _set_name(params: dict) -> str:
+    """`synthetic-v<version>-<10 hex digits of the parameters' hash>`: one folder per parameter set and version."""
+    key = json.dumps({"version": SYNTHETIC_VERSION, **params}, sort_keys=True)
+    return f"synthetic-v{SYNTHETIC_VERSION}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _is_set_of(folder: Path, params: dict) -> bool:
+    """Whether `folder` is itself a set of these parameters (its manifest says so, intact or not)."""
+    try:
+        manifest = json.loads((folder / _MANIFEST).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("version") == SYNTHETIC_VERSION and \
+        manifest.get("params") == params
+
+
+def synthetic_set_dir(cache_dir: str | Path | None = None, *, num_videos: int = 48, size: int = 128,
+                      num_frames: int = 40, seed: int = 0, codec: str = "vp9", val_fraction: float = 0.25) -> Path:
+    """The folder of the set with these parameters: `<cache_dir>/synthetic-v<version>-<hash>` (cache_dir default:
+    `default_cache_dir()`), or `cache_dir` itself when it already is that set (a set's own folder given back)."""
+    params = _params(num_videos, size, num_frames, seed, codec, val_fraction)
+    return _set_dir(cache_dir, params)
+
+
+def _set_dir(cache_dir: str | Path | None, params: dict) -> Path:
+    cache = (Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()).absolute()
+    return cache if _is_set_of(cache, params) else cache / _set_name(params)
+
+
+def ensure_synthetic_dataset(cache_dir: str | Path | None = None, *, num_videos: int = 48, size: int = 128,
+                             num_frames: int = 40, seed: int = 0, codec: str = "vp9",
+                             val_fraction: float = 0.25) -> SyntheticDataset:
+    """The synthetic set with these parameters, generated on first use in its own folder (`synthetic_set_dir`).
+
+    Each parameter set (and generator version) has its own folder, so a run asking for another set never touches the
+    one a concurrent run reads. A manifest records the parameters, the version and every file's size and SHA-256; a
+    set with a missing or corrupt file is regenerated. Generation runs under an exclusive lock file beside the folder
+    (concurrent callers of the same set wait for one generation), writes into a temporary folder and renames it into
+    place, so a reader never sees half a set; reading a complete set takes no lock. Folders and files honour the
+    umask. Leftovers of a killed generation are removed by the next one.
+    """
+    params = _params(num_videos, size, num_frames, seed, codec, val_fraction)
+    root = _set_dir(cache_dir, params)
     dataset = _load_if_valid(root, params)
     if dataset is not None:
         return dataset
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with _exclusive_lock(root.parent / f".{root.name}.lock"):
-        dataset = _load_if_valid(root, params)  # another process may have finished while we waited
-        if dataset is not None:
-            return dataset
-        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
-        try:
-            _generate_into(staging, params)
-            _replace_folder(staging, root)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    try:
+        root.parent.mkdir(parents=True, exist_ok=True)
+        with _exclusive_lock(root.parent / f".{root.name}.lock"):
+            dataset = _load_if_valid(root, params)  # another process may have finished while we waited
+            if dataset is not None:
+                return dataset
+            _remove_leftovers(root)
+            _refuse_foreign(root)  # before generating, not after
+            staging = _fresh_folder(root.parent, f".{root.name}.tmp-")
+            try:
+                _generate_into(staging, params)
+                _replace_folder(staging, root)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:  # a full disk, a read-only or foreign cache folder: say which folder
+        if isinstance(error, SyntheticSetError):
+            raise
+        raise SyntheticSetError(f"{root}: cannot generate the synthetic data set there ({error}); free space or "
+                                "set data.synthetic_dir / $TRACKMAE_CACHE_DIR to a writable folder") from error
     dataset = _load_if_valid(root, params)
     if dataset is None:
         raise RuntimeError(f"{root}: the synthetic data set failed its own check right after generation")
