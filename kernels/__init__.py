@@ -74,13 +74,54 @@ def motion_targets(tracks: Tensor, *, tokens_side: int, upsample: int = 2, displ
               safe_eps=safe_eps, out_dtype=out_dtype)
 
 
-def motion_token_stat(tracks: Tensor, *, tokens_side: int) -> Tensor:
+def motion_targets_visible(tracks: Tensor, visibility: Tensor, *, tokens_side: int, upsample: int = 2,
+                           displacement: str = "frame", norm: str = "patch", eps: float = 1e-6,
+                           safe_eps: float = 1e-2, visibility_threshold: float = 0.5,
+                           out_dtype: torch.dtype = torch.float32,
+                           backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """`motion_targets` with the tracker's invisible points dropped (the `target.drop_invisible` option).
+
+    visibility (B, T, G*G) in [0, 1] -> (targets (B, T*h*h, 2*s*s) in out_dtype with 0 at invalid values,
+    token_stat (B, h*h) float32 over valid steps only, valid (B, T*h*h, 2*s*s) bool). Definitions: `kernels.motion`.
+    The official kernel (`backend`) gives the raw and normalised values; tokens with an invalid point are
+    renormalised over their valid points in torch (a few small ops, no host sync), all others keep the kernel's
+    values bit for bit."""
+    geo = motion.check_motion_args(tracks, tokens_side, upsample, displacement, norm, eps, safe_eps, out_dtype,
+                                   what="motion_targets_visible")
+    motion.check_visibility_args(tracks, visibility, visibility_threshold, "motion_targets_visible")
+    kwargs = dict(tokens_side=tokens_side, upsample=upsample, displacement=displacement, eps=eps, safe_eps=safe_eps,
+                  backend=backend)
+    targets, official_stat = motion_targets(tracks, norm=norm, out_dtype=out_dtype, **kwargs)
+    point_valid = motion.motion_point_validity_torch(visibility, tokens_side=tokens_side, upsample=upsample,
+                                                     displacement=displacement, threshold=visibility_threshold)
+    if norm != "none":
+        # A token's mean and std mix its points: renormalise the raw displacements over the valid ones.
+        raw = motion_targets(tracks, norm="none", **kwargs)[0]  # float32
+        shape = (geo.batch, raw.shape[1], geo.points_side ** 2, 2)
+        values, point_valid_norm = motion.masked_token_norm_torch(raw.reshape(shape), point_valid, norm, eps,
+                                                                  safe_eps)
+        all_valid = point_valid.all(dim=-1, keepdim=True)  # the kernel's values need no change there
+        targets = torch.where(all_valid, targets, values.reshape(targets.shape).to(out_dtype))
+        point_valid = point_valid_norm
+    valid = point_valid.unsqueeze(-1).expand(-1, -1, -1, 2).reshape(targets.shape)  # value index 2*p + c
+    targets = torch.where(valid, targets, 0.0)  # a Python scalar keeps the targets' dtype
+    token_stat = motion.visible_token_stat_torch(tracks, visibility, tokens_side, visibility_threshold,
+                                                 official=official_stat)
+    return targets, token_stat, valid
+
+
+def motion_token_stat(tracks: Tensor, *, tokens_side: int, visibility: Tensor | None = None,
+                      visibility_threshold: float = 0.5) -> Tensor:
     """The binning statistic alone (B, h*h) float32, for motion-aware masking without the motion target: the same
-    values as `motion_targets(...)[1]` at a fraction of the work. A handful of torch ops on any device (no kernel of
-    its own: the fused motion kernel already produces it when the targets are needed)."""
+    values as `motion_targets(...)[1]` (with `visibility`: as `motion_targets_visible(...)[1]`) at a fraction of
+    the work. A handful of torch ops on any device (no kernel of its own: the fused motion kernel already produces
+    it when the targets are needed)."""
     motion.check_motion_args(tracks, tokens_side, 1, "frame", "none", 1e-6, 1e-2, torch.float32,
                              what="motion_token_stat")
-    return motion.motion_token_stat_torch(tracks, tokens_side)
+    if visibility is None:
+        return motion.motion_token_stat_torch(tracks, tokens_side)
+    motion.check_visibility_args(tracks, visibility, visibility_threshold, "motion_token_stat")
+    return motion.visible_token_stat_torch(tracks, visibility, tokens_side, visibility_threshold)
 
 
 def motion_aware_mask(token_stat: Tensor, *, num_frames: int, mask_ratio: float, rho: float, seed: int = 0,
@@ -134,6 +175,6 @@ def gather_tokens(x: Tensor, idx: Tensor, *, backend: str | None = None) -> Tens
 
 __all__ = [
     "BACKENDS", "BACKEND_ENV", "IMAGENET_MEAN", "IMAGENET_STD", "MaskOutput", "default_backend", "gather_patches",
-    "gather_tokens", "motion_aware_mask", "motion_bin_counts", "motion_targets", "motion_token_stat", "pixel_targets",
-    "resolve_backend", "tube_mask", "visible_per_frame", "rng",
+    "gather_tokens", "motion_aware_mask", "motion_bin_counts", "motion_targets", "motion_targets_visible",
+    "motion_token_stat", "pixel_targets", "resolve_backend", "tube_mask", "visible_per_frame", "rng",
 ]

@@ -18,6 +18,25 @@ Definitions (the official TrackMAE code, README_vectors.md section 1, plus two o
   |x[k+1] - x[k]|_2, averaged over the (G/h)**2 raw points of each token.
 
 `motion_targets_torch` is the definition; `motion_targets_triton` computes the same in one kernel launch.
+
+Option `drop_invisible` (OFF by default; torch on top of the values above, so the kernels stay the official ones):
+with the tracker's visibility (B, T, G*G) and a threshold v,
+
+- a raw point is visible at a frame when visibility >= v (NaN counts as invisible);
+- an upsampled point is visible at a frame when every raw point that enters its bilinear interpolation with a
+  nonzero weight is visible there (the min rule; computed by upsampling the invisibility indicator with the very
+  interpolation the tracks go through and testing > 0). So nothing of an invisible raw point's (finite) track, not
+  even a rounding-sized weight, reaches a valid value;
+- a point is valid for time slot t when it is visible at both ends of that slot's displacement (frames k and k+1,
+  or 0 and k+1 for "first", with k = min(t, T-2); the last slot repeats slot T-2 like the displacement);
+- norm "patch" / "patch_safe": a token's mean and unbiased std per coordinate are taken over its valid points only
+  (n of them); with n < 2 there is no std and the whole token is dropped (no valid value). norm "none": each valid
+  point keeps its raw displacement;
+- invalid values are set to 0 and carry validity False (the loss masks them out); tokens whose points are all valid
+  take the official values bit for bit (the same numbers: their means run over the same points);
+- token_stat: the mean step length over the token's valid (raw point, step) pairs, a step k -> k+1 being valid when
+  the raw point is visible at k and at k+1; 0 (the lowest rank) for a token with none. A token whose pairs are all
+  valid takes the official value bit for bit (the same mean: every point has the same T-1 steps).
 """
 from __future__ import annotations
 
@@ -149,6 +168,101 @@ def motion_targets_torch(tracks: Tensor, *, tokens_side: int, upsample: int = 2,
             tokens = centred / (var + safe_eps * safe_eps).sqrt()
     targets = tokens.reshape(geo.batch, geo.frames * h * h, geo.values_per_token).to(out_dtype)
     return targets, motion_token_stat_torch(tracks, tokens_side)
+
+
+def check_visibility_args(tracks: Tensor, visibility: Tensor, threshold: float, what: str) -> None:
+    """Validate the visibility of a `drop_invisible` call against its tracks; raises ValueError/TypeError."""
+    if not isinstance(visibility, Tensor):
+        raise TypeError(f"{what}: visibility must be a tensor, got {type(visibility).__name__}")
+    if tuple(visibility.shape) != tuple(tracks.shape[:3]):
+        raise ValueError(f"{what}: visibility must have shape (B, T, G*G) = {tuple(tracks.shape[:3])} like the "
+                         f"tracks, got {tuple(visibility.shape)}")
+    if visibility.device != tracks.device:
+        raise ValueError(f"{what}: visibility is on {visibility.device} but tracks are on {tracks.device}")
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"{what}: visibility_threshold must lie in [0, 1], got {threshold}")
+
+
+def visible_points(visibility: Tensor, threshold: float) -> Tensor:
+    """(B, T, N) bool: visibility >= threshold (a NaN visibility compares False: invisible)."""
+    return visibility.float() >= threshold
+
+
+def upsample_visible(visible: Tensor, upsample: int) -> Tensor:
+    """(B, T, G*G) bool -> (B, T, G*u, G*u) bool by the min rule over the bilinear stencil (module doc).
+
+    The invisibility indicator goes through the same trilinear call as the tracks (`upsample_tracks`): its weights
+    are >= 0 and a nonzero one is a product of per-axis weights >= 2**-24 (far from float32 underflow), so the
+    result is > 0 exactly where some raw point with a nonzero weight is invisible, in the float32 weights the
+    positions themselves use (kernel and twin alike). Averaging the visibility instead would pass a point that
+    takes half its position from an occluded one (0.5 x a 2,606-px jump)."""
+    batch, frames, points = visible.shape
+    grid = int(round(points ** 0.5))
+    if upsample == 1:
+        return visible.reshape(batch, frames, grid, grid)
+    hidden = (~visible).float().reshape(batch, 1, frames, grid, grid)
+    side = grid * upsample
+    hidden = F.interpolate(hidden, size=(frames, side, side), mode="trilinear", align_corners=True)
+    return hidden[:, 0] <= 0
+
+
+def step_validity(visible: Tensor, displacement: str) -> Tensor:
+    """Validity per time slot along dim 1, paired like `step_displacements`: visible at both ends of the step."""
+    base = visible[:, :1] if displacement == "first" else visible[:, :-1]
+    steps = visible[:, 1:] & base
+    return torch.cat([steps, steps[:, -1:]], dim=1)
+
+
+def motion_point_validity_torch(visibility: Tensor, *, tokens_side: int, upsample: int, displacement: str,
+                                threshold: float) -> Tensor:
+    """(B, T*h*h, s*s) bool: whether each upsampled point of each token is valid for its slot (module doc)."""
+    batch, frames, points = visibility.shape
+    side = int(round(points ** 0.5)) * upsample
+    h, s = tokens_side, side // tokens_side
+    valid = step_validity(upsample_visible(visible_points(visibility, threshold), upsample), displacement)
+    return (valid.reshape(batch, frames, h, s, h, s).permute(0, 1, 2, 4, 3, 5)
+            .reshape(batch, frames * h * h, s * s))
+
+
+def masked_token_norm_torch(raw: Tensor, valid: Tensor, norm: str, eps: float,
+                            safe_eps: float) -> tuple[Tensor, Tensor]:
+    """Per-token normalisation over the valid points only.
+
+    raw (B, N, P, 2) float32 displacements, valid (B, N, P) bool -> (values (B, N, P, 2) float32 with 0 at invalid
+    points, valid (B, N, P) with tokens of fewer than 2 valid points dropped). Invalid entries never enter the sums
+    (`where`, not a product: a NaN or a 1000-px jump there changes nothing)."""
+    keep = valid.unsqueeze(-1)
+    count = valid.sum(dim=2, keepdim=True).unsqueeze(-1).float()  # (B, N, 1, 1)
+    mean = torch.where(keep, raw, 0.0).sum(dim=2, keepdim=True) / count.clamp(min=1.0)
+    centred = torch.where(keep, raw - mean, 0.0)
+    var = centred.square().sum(dim=2, keepdim=True) / (count - 1.0).clamp(min=1.0)
+    scale = var.sqrt() + eps if norm == "patch" else (var + safe_eps * safe_eps).sqrt()
+    valid = valid & (count[..., 0] >= 2.0)  # no unbiased std from fewer than 2 points: drop the token
+    values = torch.where(valid.unsqueeze(-1), centred / scale, 0.0)
+    return values, valid
+
+
+def visible_token_stat_torch(tracks: Tensor, visibility: Tensor, tokens_side: int, threshold: float,
+                             official: Tensor | None = None) -> Tensor:
+    """(B, h*h) float32: the mean step length over each token's valid (raw point, step) pairs, 0 where none.
+
+    `official` (the statistic without visibility, when the caller has it already) is taken as is where every pair
+    is valid, so an all-visible clip ranks exactly as without the option."""
+    batch, frames, points, _ = tracks.shape
+    grid = int(round(points ** 0.5))
+    pool = grid // tokens_side
+    visible = visible_points(visibility, threshold)
+    step_ok = visible[:, 1:] & visible[:, :-1]  # (B, T-1, G*G)
+    step_length = torch.linalg.vector_norm(tracks[:, 1:].float() - tracks[:, :-1].float(), dim=-1)
+    length_sum = torch.where(step_ok, step_length, 0.0).sum(dim=1)  # (B, G*G)
+    pairs = step_ok.sum(dim=1)
+    length_sum = length_sum.reshape(batch, tokens_side, pool, tokens_side, pool).sum(dim=(2, 4))
+    pairs = pairs.reshape(batch, tokens_side, pool, tokens_side, pool).sum(dim=(2, 4))
+    masked = (length_sum / pairs.clamp(min=1).float()).reshape(batch, tokens_side * tokens_side)
+    pairs = pairs.reshape(batch, tokens_side * tokens_side)
+    if official is None:
+        official = motion_token_stat_torch(tracks, tokens_side)
+    return torch.where(pairs == (frames - 1) * pool * pool, official, masked)
 
 
 _NORM_CODES = {"none": 0, "patch": 1, "patch_safe": 2}

@@ -104,6 +104,55 @@ def test_masking_without_the_motion_target_draws_the_same_motion_aware_masks():
     assert tube.tracker is None  # nothing needs tracks then
 
 
+def test_drop_invisible_with_lucas_kanade_carries_the_validity_of_the_masked_motion_values():
+    """target.drop_invisible=true end to end with the Lucas-Kanade tracker: the tracker's visibility reaches the
+    targets, the batch carries the validity of the masked values (0 targets where invalid), the masks follow the
+    visible-only statistic (also on the stat-only path), and the prefetcher hands the validity out."""
+    from trackmae_stream import kernels
+
+    device = torch.device("cpu")
+    batch = host_batches(1, seed=4)[0]
+    preparer = make_preparer(device, ["target.drop_invisible=true"])
+    got = preparer(batch, 3)
+    tracked = preparer.track(batch["frames"])
+    assert bool((tracked.visibility < 0.5).any())  # LK loses points on these wrapped textures: something to drop
+    targets, stat, valid = kernels.motion_targets_visible(tracked.tracks, tracked.visibility, tokens_side=4,
+                                                          upsample=2)
+    expected = preparer.masks(3, 3, device, token_stat=stat)
+    assert torch.equal(got.visible_idx, expected.visible_idx) and torch.equal(got.masked_idx, expected.masked_idx)
+    assert got.motion_valid.dtype == torch.bool and got.motion_valid.shape == got.motion_target.shape
+    assert torch.equal(got.motion_valid, valid.gather(1, got.masked_idx[..., None].expand(-1, -1, 8)))
+    assert torch.equal(got.motion_target, targets.gather(1, got.masked_idx[..., None].expand(-1, -1, 8)))
+    assert bool((got.motion_target[~got.motion_valid] == 0).all()) and not bool(got.motion_valid.all())
+    assert make_preparer(device)(batch, 3).motion_valid is None  # off: the official definition
+    stat_only = make_preparer(device, ["target.drop_invisible=true", "target.motion=false"])(batch, 3)
+    assert stat_only.motion_valid is None and torch.equal(stat_only.visible_idx, got.visible_idx)
+    handed = next(StreamingPrefetcher([batch], preparer, start_step=3, timer=IntervalTimer()))
+    assert torch.equal(handed.motion_valid, got.motion_valid)
+
+
+@pytest.mark.gpu
+def test_drop_invisible_overlapped_equals_serial_and_hands_over_the_validity_on_cuda():
+    device = torch.device("cuda")
+    preparer = make_preparer(device, ["target.drop_invisible=true"])
+    batches = [{k: (v.pin_memory() if k == "frames" else v) for k, v in b.items()} for b in host_batches(3)]
+    serial = list(StreamingPrefetcher(batches, preparer, start_step=0, timer=IntervalTimer()))
+    overlapped = list(StreamingPrefetcher(batches, preparer, start_step=0, timer=IntervalTimer(),
+                                          stream=torch.cuda.Stream()))
+    torch.cuda.synchronize()
+    for a, b in zip(serial, overlapped):
+        assert_batches_equal(a, b)
+        assert torch.equal(a.motion_valid.cpu(), b.motion_valid.cpu())
+        assert any(t is b.motion_valid for t in b.device_tensors())  # record_stream covers it
+    preparer(batches[0], 0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        preparer(batches[1], 1)  # the option's path adds no host sync
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.gpu
 def test_overlapped_preparation_equals_serial_on_cuda():
     device = torch.device("cuda")

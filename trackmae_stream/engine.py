@@ -77,6 +77,9 @@ def compute_losses(pred: dict[str, Tensor], batch: TrainBatch, lam: float) -> di
     Also returns each target's mean square (`zero_*`): the loss of predicting zeros. Normalised targets make that
     trivial solution sit near 1 (pixels) or 0.75 (motion, 4 points with unbiased std), so a falling loss only shows
     learning once it drops below it; the log reports the ratio.
+
+    With `batch.motion_valid` (target.drop_invisible) the motion loss and its zero reference are means over the
+    valid values only; a batch with none gives 0 (the count is clamped to 1: no host sync, no division by zero).
     """
     losses: dict[str, Tensor] = {}
     total = None
@@ -84,8 +87,17 @@ def compute_losses(pred: dict[str, Tensor], batch: TrainBatch, lam: float) -> di
         if target is None:
             continue
         target = target.float()
-        losses[f"loss_{name}"] = F.mse_loss(pred[name].float(), target)
-        losses[f"zero_{name}"] = target.detach().square().mean()
+        valid = batch.motion_valid if name == "motion" else None
+        if valid is None:
+            losses[f"loss_{name}"] = F.mse_loss(pred[name].float(), target)
+            losses[f"zero_{name}"] = target.detach().square().mean()
+        else:
+            # `where`, not a product: whatever sits at an invalid value (target 0 by construction, any prediction)
+            # contributes neither loss nor gradient
+            count = valid.sum().clamp(min=1).float()
+            error = (pred[name].float() - target).square()
+            losses[f"loss_{name}"] = torch.where(valid, error, 0.0).sum() / count
+            losses[f"zero_{name}"] = torch.where(valid, target.detach().square(), 0.0).sum() / count
         term = weight * losses[f"loss_{name}"]
         total = term if total is None else total + term
     losses["loss"] = total

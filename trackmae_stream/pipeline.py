@@ -22,7 +22,7 @@ from .config import TrainConfig, tokens_per_side, tracker_grid_size
 from .masking import MaskGenerator
 from .metrics import IntervalTimer
 from .targets import TargetBuilder
-from .tracking import PointTracker, build_tracker
+from .tracking import PointTracker, TrackerOutput, build_tracker
 
 
 @dataclass
@@ -34,6 +34,8 @@ class TrainBatch:
     motion_target: Tensor | None  # (B, M, motion_dim)
     skipped: Tensor | None  # (B, k) host tensor: record indices of videos that failed to decode (-1 padding)
     source_index: Tensor | None  # (B,) host tensor: the records actually decoded
+    # (B, M, motion_dim) bool, True = the motion value enters the loss; None = all do (target.drop_invisible off)
+    motion_valid: Tensor | None = None
 
     @property
     def num_clips(self) -> int:
@@ -69,27 +71,34 @@ class BatchPreparer:
     def needs_tracks(self) -> bool:
         return self.tracker is not None
 
-    def track(self, frames_u8: Tensor) -> Tensor:
-        """Tracks (B, T', G², 2) of the query grid over the first frame of every tubelet, in clip pixels."""
+    def track(self, frames_u8: Tensor) -> TrackerOutput:
+        """Tracks (B, T', G², 2) of the query grid over the first frame of every tubelet, in clip pixels, and their
+        visibility (B, T', G²) (used by target.drop_invisible)."""
         frames = frames_u8[:, :: self.tubelet].permute(0, 1, 4, 2, 3).float()  # (B, T', 3, H, W) in [0, 255]
-        return self.tracker.track_grid(frames, self.grid_size).tracks
+        return self.tracker.track_grid(frames, self.grid_size)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], step: int) -> TrainBatch:
         frames = batch["frames"].to(self.device, non_blocking=True)
         b = frames.shape[0]
-        motion_all = token_stat = None
-        if self.needs_tracks and self.cfg.target.motion:
-            motion_all, token_stat = self.targets.motion(self.track(frames))
-        elif self.needs_tracks:  # motion-aware masking only: the statistic, not the targets
-            token_stat = self.targets.motion_stat(self.track(frames))
+        motion_all = token_stat = valid_all = None
+        if self.needs_tracks:
+            tracked = self.track(frames)
+            if self.cfg.target.motion:
+                motion_all, token_stat, valid_all = self.targets.motion(tracked.tracks, tracked.visibility)
+            else:  # motion-aware masking only: the statistic, not the targets
+                token_stat = self.targets.motion_stat(tracked.tracks, tracked.visibility)
         mask = self.masks(step, b, self.device, token_stat=token_stat)
         patches = kernels.gather_patches(frames, mask.visible_idx, tubelet=self.tubelet, patch=self.patch,
                                          layout="BTHWC", mean=self.mean, std=self.std, out_dtype=self.patch_dtype)
         motion_target = kernels.gather_tokens(motion_all, mask.masked_idx) if self.cfg.target.motion else None
+        # bool rows: torch.gather (the Triton gather serves float rows; this one is tiny and needs no autograd)
+        motion_valid = (kernels.gather_tokens(valid_all, mask.masked_idx, backend="torch")
+                        if valid_all is not None else None)
         return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=mask.masked_idx,
                           spatial_target=self.targets.spatial(frames, mask.masked_idx), motion_target=motion_target,
-                          skipped=batch.get("skipped"), source_index=batch.get("source_index"))
+                          skipped=batch.get("skipped"), source_index=batch.get("source_index"),
+                          motion_valid=motion_valid)
 
 
 def build_batch_preparer(cfg: TrainConfig, device: torch.device, rank: int = 0) -> BatchPreparer:

@@ -91,15 +91,34 @@ class TargetBuilder(nn.Module):
         side = tracker_grid_size(self.cfg) * self.cfg.target.upsample // self.tokens_side
         return 2 * side * side
 
-    def motion(self, tracks: Tensor) -> tuple[Tensor, Tensor]:
-        """tracks (B, T', G², 2) -> (targets for all tokens (B, N, motion_dim), binning statistic (B, side²))."""
-        t = self.cfg.target
-        return kernels.motion_targets(tracks, tokens_side=self.tokens_side, upsample=t.upsample,
-                                      displacement=t.displacement, norm=t.motion_norm)
+    def _visibility(self, visibility: Tensor | None) -> Tensor | None:
+        """The visibility to use: None unless target.drop_invisible (then it is required)."""
+        if not self.cfg.target.drop_invisible:
+            return None
+        if visibility is None:
+            raise ValueError("target.drop_invisible=true needs the tracker's visibility (B, T', G²)")
+        return visibility
 
-    def motion_stat(self, tracks: Tensor) -> Tensor:
-        """tracks (B, T', G², 2) -> the binning statistic (B, side²) alone (motion-aware masking, no motion target)."""
-        return kernels.motion_token_stat(tracks, tokens_side=self.tokens_side)
+    def motion(self, tracks: Tensor, visibility: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+        """tracks (B, T', G², 2), visibility (B, T', G²) -> (targets for all tokens (B, N, motion_dim), binning
+        statistic (B, side²), validity (B, N, motion_dim) bool). With target.drop_invisible off the visibility is
+        ignored and the validity is None (every value counts: the official definition); on, invalid values are 0
+        and False (definition: `kernels.motion`)."""
+        t = self.cfg.target
+        kwargs = dict(tokens_side=self.tokens_side, upsample=t.upsample, displacement=t.displacement,
+                      norm=t.motion_norm)
+        visibility = self._visibility(visibility)
+        if visibility is None:
+            targets, token_stat = kernels.motion_targets(tracks, **kwargs)
+            return targets, token_stat, None
+        return kernels.motion_targets_visible(tracks, visibility, visibility_threshold=t.visibility_threshold,
+                                              **kwargs)
+
+    def motion_stat(self, tracks: Tensor, visibility: Tensor | None = None) -> Tensor:
+        """tracks (B, T', G², 2) -> the binning statistic (B, side²) alone (motion-aware masking, no motion target);
+        over visible steps only when target.drop_invisible."""
+        return kernels.motion_token_stat(tracks, tokens_side=self.tokens_side, visibility=self._visibility(visibility),
+                                         visibility_threshold=self.cfg.target.visibility_threshold)
 
     def spatial(self, frames_u8: Tensor, masked_idx: Tensor) -> Tensor | None:
         """frames_u8 (B, T, H, W, 3) -> (B, M, spatial_dim) at `masked_idx`."""
