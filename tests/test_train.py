@@ -123,6 +123,7 @@ def test_torchrun_two_ranks_on_cpu(synthetic, tmp_path):
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trackmae_stream.train", *args],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done:") == 1, proc.stdout  # one line per job, not one per rank
     assert "killed by signal" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     run_dir = tmp_path / "runs" / "ddp"
     records = read_log(run_dir)
@@ -173,6 +174,8 @@ def test_nonfinite_loss_or_gradient_stops_naming_the_step(synthetic, tmp_path, m
         train(load_config("default", args))
     names = sorted(p.name for p in (tmp_path / "runs" / f"nan_{poison}" / "checkpoints").iterdir())
     assert names == ["checkpoint-00000001.pt", "checkpoint-00000002.pt"]
+    stop = read_log(tmp_path / "runs" / f"nan_{poison}")[-1]
+    assert stop["event"] == "nonfinite" and stop["step"] == 3 and stop["last_checkpoint"].endswith("02.pt")
 
 
 def test_cli_reports_bad_input_before_training(synthetic, tmp_path, capsys):

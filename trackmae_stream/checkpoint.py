@@ -6,12 +6,14 @@ takes the newest checkpoint that loads and has every section; a damaged one is r
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import re
+import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +32,36 @@ class CheckpointError(UserError, RuntimeError):
     """A checkpoint file is missing, unreadable or lacks a section; the message names the file."""
 
 
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it: there is no getter)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, fsync, rename: a kill leaves the old or the new file.
+
+    The file gets the permissions of a plain `open()` under the user's umask (mkstemp alone would make it 0600).
+    A failed write (disk full, quota, permissions) raises CheckpointError naming the file and the OS's reason.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write ({exc.strerror or exc})") from exc
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as fh:
             torch.save(obj, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError | RuntimeError):
+            raise CheckpointError(f"{path}: cannot write ({_write_failure(exc, path.parent)})") from exc
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:  # make the rename itself durable
@@ -49,6 +69,20 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def _write_failure(exc: BaseException, folder: Path) -> str:
+    """The OS's reason for a failed write, dug out of torch's wrapping (its own RuntimeError may hide an ENOSPC)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            reason = seen.strerror or str(seen)
+            if seen.errno == errno.ENOSPC:
+                free = shutil.disk_usage(folder).free / 2**20
+                reason += f": {free:.1f} MiB free in {folder}"
+            return reason
+        seen = seen.__cause__ or seen.__context__
+    return f"{type(exc).__name__}: {exc}"
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -134,15 +168,28 @@ class CheckpointManager:
         return [p for _, p in sorted(found, reverse=True)]
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
+        """Write checkpoint `step`, then keep it and the `keep - 1` newest below it. Rotation never deletes the file
+        just written, nor a checkpoint of a higher step (only an earlier branch of a resumed run can hold one; the
+        run folder refuses fresh starts, so it is this run's own history and not ours to delete)."""
         path = atomic_save(state, self.path_for(step))
-        for old in self.list()[self.keep:]:
+        older = [p for p in self.list() if _step_of(p) < step]
+        for old in older[self.keep - 1:]:
             old.unlink(missing_ok=True)
         return path
 
-    def newest_valid(self, map_location: str | torch.device = "cpu") -> tuple[Path, dict[str, Any]] | None:
+    def newest_valid(self, map_location: str | torch.device = "cpu",
+                     on_damaged: Callable[[Path], None] | None = None) -> tuple[Path, dict[str, Any]] | None:
+        """The newest checkpoint that loads with every section; each damaged one is reported (and handed to
+        `on_damaged`, e.g. to rename it aside) on the way."""
         for path in self.list():
             try:
                 return path, load_checkpoint(path, map_location)
             except CheckpointError as exc:
                 log.warning("skipping damaged checkpoint: %s", exc)
+                if on_damaged is not None:
+                    on_damaged(path)
         return None
+
+
+def _step_of(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(path.name).group(1))

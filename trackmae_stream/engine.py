@@ -12,7 +12,6 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, kernels
 from .checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from .config import ConfigError, TrainConfig, motion_weight, save_config, to_dict, tracker_grid_size
+from .config import ConfigError, TrainConfig, config_from_dict, motion_weight, save_config, to_dict, tracker_grid_size
 from .data_setup import DataSetup, build_data
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from .errors import UserError
@@ -31,6 +30,18 @@ from .metrics import IntervalTimer, MetricLogger, format_record, memory_gib, pea
 from .model import TrackMAE, TrackMAEShape, count_parameters, describe, forward_flops, resolve_backend
 from .optim import CosineSchedule, build_optimizer, peak_lr, set_lr
 from .pipeline import StreamingPrefetcher, TrainBatch, build_batch_preparer
+from .run_folder import (
+    RunChoice,
+    RunFolderError,
+    choose_run,
+    config_changes,
+    discard_failed_start,
+    identity_diff,
+    identity_hash,
+    remove_stale_temporaries,
+    run_identity,
+)
+from .stop_signal import StopSignal
 from .targets import TargetBuilder
 
 log = logging.getLogger("trackmae_stream")
@@ -48,13 +59,28 @@ class RunSummary:
     losses: list[float]
     last_checkpoint: Path | None
     skipped_videos: int
+    is_main: bool = True  # rank 0: the one that reports
+    stopped_by: str | None = None  # the signal's name when a SIGTERM / SIGINT stopped the run early
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (not the stream of the first call: a caller that
+    swaps stderr, as pytest's capture does per test, would leave the handler writing to a closed file)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
 
 
 def setup_logging(is_main: bool) -> None:
     level = logging.INFO if is_main else logging.WARNING
     root = logging.getLogger()
     if not any(getattr(h, "_trackmae", False) for h in root.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
         handler._trackmae = True
         root.addHandler(handler)
@@ -115,11 +141,23 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         torch.manual_seed(cfg.seed + self.dist.rank)
-        self.run_dir = self._resolve_run_dir()
+        self.run = self._choose_run()
+        self.run_dir = self.run.run_dir
         self.logger = MetricLogger(self.run_dir, self.dist.is_main, cfg.tensorboard)
+        try:
+            self._build()
+        except BaseException:
+            # A start that fails (bad list, tracker checkpoint, ...) leaves no empty run folder behind.
+            self.logger.close()
+            if self.dist.is_main:
+                discard_failed_start(self.run)
+            raise
+
+    def _build(self) -> None:
+        cfg = self.cfg
+        cuda = self.device.type == "cuda"
         self.ckpt = CheckpointManager(self.run_dir, keep=cfg.keep_checkpoints)
-        if self.dist.is_main:
-            save_config(cfg, self.run_dir / "config.yaml")
+        self.identity = run_identity(cfg)
 
         # data
         self.data: DataSetup = build_data(cfg, self.dist, self.device)
@@ -170,47 +208,53 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self.loss_history: list[float] = []
         self.skipped_videos = 0  # over all ranks, as of the last log interval
+        self.stopped_by: str | None = None
         self._resume()
+        if self.dist.is_main:  # after the resume check: a refused resume must not overwrite the run's config
+            save_config(cfg, self.run_dir / "config.yaml")
         self.flops_per_clip = 3.0 * forward_flops(self.shape, self.masks.num_visible)
         self.peak = peak_tflops(self.device, cfg.peak_tflops)
 
     # ------------------------------------------------------------------------------------------------------------
-    def _resolve_run_dir(self) -> Path:
-        cfg = self.cfg
-        out = Path(cfg.output_dir).expanduser()
-        run_dir = None
+    def _choose_run(self) -> RunChoice:
+        """Rank 0 decides the run folder and the checkpoint to resume; every rank gets the decision or the error."""
+        choice, error = None, None
         if self.dist.is_main:
-            if cfg.run_name:
-                run_dir = out / cfg.run_name
-            elif cfg.resume == "auto":
-                run_dir = _newest_run(out, cfg.preset)
-            if run_dir is None:
-                stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-                run_dir = out / f"{cfg.preset}-{stamp}"
-            run_dir.mkdir(parents=True, exist_ok=True)
-            run_dir = str(run_dir)
-        return Path(broadcast_object(run_dir, self.dist))
+            try:
+                choice = choose_run(self.cfg)
+                removed = remove_stale_temporaries(choice.run_dir)
+                if removed:
+                    log.info("removed %d temporary file(s) left by an interrupted checkpoint write", removed)
+            except UserError as exc:
+                error = str(exc)
+        choice, error = broadcast_object((choice, error), self.dist)
+        if error is not None:
+            raise RunFolderError(error)
+        for note in choice.notes:
+            log.info("resume=auto: %s", note)
+        return choice
 
     def _resume(self) -> None:
-        cfg = self.cfg
-        if cfg.resume is None:
+        cfg, path = self.cfg, self.run.checkpoint
+        if path is None:
+            if cfg.resume == "auto":
+                log.info("resume=auto: no readable checkpoint in %s, starting fresh", self.ckpt.dir)
             return
-        if cfg.resume == "auto":
-            # Rank 0 chooses; every rank then reads that file, so all ranks resume from the same step.
-            chosen = None
-            if self.dist.is_main:
-                found = self.ckpt.newest_valid(map_location="cpu")
-                chosen = str(found[0]) if found is not None else None
-            chosen = broadcast_object(chosen, self.dist)
-            if chosen is None:
-                log.info("resume=auto: no checkpoint in %s, starting fresh", self.ckpt.dir)
-                return
-            path = Path(chosen)
-        else:
-            path = Path(cfg.resume)
-        self.load_state(load_checkpoint(path, map_location="cpu"), path)
+        state = load_checkpoint(path, map_location="cpu")
+        saved_cfg = state["config"]
+        saved_identity = run_identity(config_from_dict(saved_cfg, check=False))
+        if saved_identity != self.identity:
+            diff = "; ".join(identity_diff(saved_identity, self.identity))
+            if cfg.resume == "auto":
+                raise RunFolderError(f"--resume auto: {path} was trained with other settings ({diff})")
+            log.warning("resuming %s under other settings than it was trained with: %s", path, diff)
+        changes = config_changes(saved_cfg, to_dict(cfg))
+        for change in changes:
+            log.info("resume: %s (allowed: does not change what the weights mean)", change)
+        self.load_state(state, path)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
-        self.logger.event({"event": "resume", "checkpoint": str(path), "step": self.step})
+        self.logger.rewind(self.step)  # records past the checkpoint belong to the interrupted attempt
+        self.logger.event({"event": "resume", "checkpoint": str(path), "step": self.step, "changes": changes})
 
     def load_state(self, state: dict[str, Any], path: Path) -> None:
         from .model.adapters import load_model_state
@@ -252,6 +296,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "rng": {"per_rank": per_rank},  # RNG states and skip counters, one entry per rank
             "loss_history": self.loss_history,
+            "identity": identity_hash(self.identity),
             "format": "trackmae_stream",
             "version": __version__,
         }
@@ -277,7 +322,7 @@ class Trainer:
             "parameters": count_parameters(self.raw_model), "global_batch": self.global_batch,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "peak_lr": self.schedule.peak_lr,
             "visible_tokens": self.masks.num_visible, "train_gflop_per_clip": self.flops_per_clip / 1e9,
-            "data": self.data.description, "videos": self.data.num_videos,
+            "data": self.data.description, "videos": self.data.num_videos, "identity": identity_hash(self.identity),
         }
         if self.tracker is not None:
             info["tracker_grid"] = tracker_grid_size(cfg)
@@ -301,6 +346,8 @@ class Trainer:
             log.info("nothing to do: step %d >= total steps %d", self.step, self.total_steps)
             return self._summary()
         accum = cfg.optim.accum_steps
+        # Preemption: SIGTERM / SIGINT finish the step, write a checkpoint and stop; ranks agree over a CPU group.
+        self.stop = StopSignal(self.dist)
         loss_names = ["spatial"] * (cfg.target.spatial != "none") + ["motion"] * cfg.target.motion
         state = _IntervalState(self.device, loss_names)
         progress = None
@@ -333,16 +380,29 @@ class Trainer:
                             self._check_finite(state.first_bad_step)
                             self.save_checkpoint()
                             state.timer.exclude(time.perf_counter() - t0)  # checkpoint I/O is not training time
+                        self.stopped_by = self.stop.agreed()
+                        if self.stopped_by is not None:
+                            if state.steps:  # the partial interval's record, before the checkpoint below
+                                self._log_interval(state)
+                            break
                 finally:
                     batches.close()
+                if self.stopped_by is not None:
+                    if self.dist.is_main:
+                        log.warning("%s: stopping after step %d with a checkpoint (a second signal exits at once)",
+                                    self.stopped_by, self.step)
+                    break
             self._check_finite(state.first_bad_step)
-            self.save_checkpoint()
+            if self.last_checkpoint is None or self.ckpt.path_for(self.step) != self.last_checkpoint:
+                self.save_checkpoint()
         finally:
+            self.stop.restore()
             if progress is not None:
                 progress.close()
         summary = self._summary()
-        self.logger.event({"event": "end", "step": self.step, "epoch": self.epoch,
-                           "checkpoint": str(summary.last_checkpoint), "skipped_videos": summary.skipped_videos})
+        self.logger.event({"event": "stopped" if self.stopped_by else "end", "signal": self.stopped_by,
+                           "step": self.step, "epoch": self.epoch, "checkpoint": str(summary.last_checkpoint),
+                           "skipped_videos": summary.skipped_videos})
         return summary
 
     def _train_step(self, batches: StreamingPrefetcher, state: _IntervalState) -> None:
@@ -393,6 +453,7 @@ class Trainer:
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
         bad = int(flag.item())
         if bad != torch.iinfo(torch.long).max:
+            self.logger.event({"event": "nonfinite", "step": bad + 1, "last_checkpoint": str(self.last_checkpoint)})
             raise NonFiniteLossError(
                 f"non-finite loss or gradient at step {bad + 1}: stopping without writing a checkpoint (the last "
                 f"good one is {self.last_checkpoint or 'none'}); lower optim.lr or enable optim.clip_grad")
@@ -430,7 +491,8 @@ class Trainer:
 
     def _summary(self) -> RunSummary:
         return RunSummary(run_dir=self.run_dir, step=self.step, epoch=self.epoch, losses=list(self.loss_history),
-                          last_checkpoint=self.last_checkpoint, skipped_videos=self.skipped_videos)
+                          last_checkpoint=self.last_checkpoint, skipped_videos=self.skipped_videos,
+                          is_main=self.dist.is_main, stopped_by=self.stopped_by)
 
     def close(self) -> None:
         self.data.close()
@@ -470,13 +532,6 @@ class _IntervalState:
         self.grad_norm_sum.zero_()
         self.steps = 0
         self.timer.reset()
-
-
-def _newest_run(output_dir: Path, preset: str) -> Path | None:
-    if not output_dir.is_dir():
-        return None
-    candidates = [p for p in output_dir.glob(f"{preset}-*") if (p / "checkpoints").is_dir()]
-    return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
 def train(cfg: TrainConfig) -> RunSummary:

@@ -80,11 +80,33 @@ class MetricLogger:
         self.writer = None
         if not self.enabled:
             return
-        self.jsonl = open(Path(run_dir) / "log.jsonl", "a", buffering=1)
+        self.run_dir = Path(run_dir)
+        self.tensorboard = tensorboard
+        self.jsonl = open(self.run_dir / "log.jsonl", "a", buffering=1)
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
+
+    def rewind(self, step: int) -> None:
+        """Forget what an interrupted attempt logged after `step` (the checkpoint a resume starts from), so that
+        log.jsonl and TensorBoard hold each step once: records past it are dropped (rewritten atomically) and
+        TensorBoard purges its events past it."""
+        if not self.enabled:
+            return
+        path = self.run_dir / "log.jsonl"
+        self.jsonl.close()
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and _record_step(line) <= step]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(path)
+        self.jsonl = open(path, "a", buffering=1)
+        if self.writer is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            self.writer = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=step + 1)
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -107,6 +129,16 @@ class MetricLogger:
             self.jsonl.close()
         if self.writer is not None:
             self.writer.close()
+
+
+def _record_step(line: str) -> float:
+    """The step of a log.jsonl line: -inf for a record without one (kept), +inf for a line a kill cut short
+    (dropped)."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return float("inf")
+    return step if isinstance(step, int | float) else float("-inf")
 
 
 def _jsonable(value: Any) -> Any:
