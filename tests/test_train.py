@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -65,6 +66,9 @@ def test_default_trains_loss_falls_and_leaves_checkpoint(synthetic, tmp_path):
     assert state["scheduler"]["total_steps"] == 24 and state["scheduler"]["warmup_steps"] == 1
     assert (summary.run_dir / "config.yaml").is_file()
     assert any((summary.run_dir / "tensorboard").iterdir())
+    # the picture of the last step (visualize_every=0): frames, mask, reconstruction, motion target vs prediction
+    picture = cv2.imread(str(summary.run_dir / "pictures" / "step_0000024.png"))
+    assert picture is not None and picture.shape[0] > 4 * 64 and picture.std() > 10
     # the log says whether the model beat predicting zeros, per target
     assert all(0 < r["rel_spatial"] and 0 < r["rel_motion"] for r in records if "loss" in r)
 

@@ -170,6 +170,9 @@ class Trainer:
 
         # tracking, targets, masks
         self.preparer = build_batch_preparer(cfg, self.device, rank=self.dist.rank)
+        if self.dist.is_main:  # pictures come from rank 0's first clip; other ranks keep no frames
+            self.preparer.picture_step = self._pictured_micro_batch
+        self._picture: tuple[TrainBatch, dict[str, Tensor]] | None = None
         self.targets, self.masks, self.tracker = self.preparer.targets, self.preparer.masks, self.preparer.tracker
         # One preparation stream for the whole run: the caching allocator keeps a pool per stream.
         self.side_stream = torch.cuda.Stream(self.device) if cuda and cfg.tracker.overlap else None
@@ -368,6 +371,10 @@ class Trainer:
                 try:
                     while self.step < self.total_steps and self.batch_in_epoch + accum <= self.data.batches_per_epoch:
                         self._train_step(batches, state)
+                        if self._picture is not None:
+                            t0 = time.perf_counter()
+                            self._draw_picture()
+                            state.timer.exclude(time.perf_counter() - t0)  # a host sync; not training time
                         if progress is not None:
                             progress.update(1)
                         if (self.step % cfg.log_every == 0 or self.step == self.total_steps):
@@ -428,6 +435,8 @@ class Trainer:
             state.timer.clips += batch.num_clips
             self.batch_in_epoch += 1
             batches.prefetch()  # this micro-batch's kernels are queued: now fetch and launch the next one's prep
+        if batch.frames_u8 is not None:  # a pictured step: keep what the picture needs (drawn after the step)
+            self._picture = batch, {k: v.detach() for k, v in pred.items()}
         params = [p for p in self.raw_model.parameters() if p.grad is not None]
         self.scaler.unscale_(self.optimizer)  # no-op unless fp16
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
@@ -444,6 +453,28 @@ class Trainer:
         state.steps += 1
         state.timer.steps += 1
         state.timer.add("step", time.perf_counter() - t_step)
+
+    def _pictured_step(self, step: int) -> bool:
+        """Optimizer step (counted from 1) that gets a picture: every `visualize_every`, and always the last."""
+        every = self.cfg.visualize_every
+        return step == self.total_steps or (every > 0 and step % every == 0)
+
+    def _pictured_micro_batch(self, index: int) -> bool:
+        """The preparer's question for micro-batch `index`: is it the last micro-batch of a pictured step?"""
+        accum = self.cfg.optim.accum_steps
+        return (index + 1) % accum == 0 and self._pictured_step((index + 1) // accum)
+
+    def _draw_picture(self) -> None:
+        """Input frames, mask, pixel reconstruction and motion target vs prediction of one clip, to TensorBoard and
+        `<run>/pictures/step_<step>.png` (rank 0)."""
+        from .visuals import add_to_tensorboard, render_batch, write_png
+
+        batch, pred = self._picture
+        self._picture = None
+        image = render_batch(self.cfg, batch.frames_u8, batch, pred, clip=0)
+        path = write_png(self.run_dir / "pictures" / f"step_{self.step:07d}.png", image)
+        add_to_tensorboard(self.logger.writer, "train/pictures", image, self.step)
+        log.info("picture %s", path)
 
     def _check_finite(self, first_bad_step: Tensor) -> None:
         """Every rank takes the same decision: the earliest non-finite step over all ranks (-1 = none)."""

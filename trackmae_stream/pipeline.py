@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -36,6 +36,9 @@ class TrainBatch:
     source_index: Tensor | None  # (B,) host tensor: the records actually decoded
     # (B, M, motion_dim) bool, True = the motion value enters the loss; None = all do (target.drop_invisible off)
     motion_valid: Tensor | None = None
+    # (1, T, H, W, 3) uint8 copy of the first clip, only for a micro-batch that will be pictured (`BatchPreparer.
+    # picture_step`); a copy, because a loader may reuse its output buffer while the next batch is prefetched
+    frames_u8: Tensor | None = None
 
     @property
     def num_clips(self) -> int:
@@ -66,6 +69,8 @@ class BatchPreparer:
         self.mean = tuple(cfg.data.mean)
         self.std = tuple(cfg.data.std)
         self.patch_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.precision == "bf16") else torch.float32
+        # micro-batch index -> keep the first clip's frames for a picture (set by the trainer; None: never)
+        self.picture_step: Callable[[int], bool] | None = None
 
     @property
     def needs_tracks(self) -> bool:
@@ -98,7 +103,8 @@ class BatchPreparer:
         return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=mask.masked_idx,
                           spatial_target=self.targets.spatial(frames, mask.masked_idx), motion_target=motion_target,
                           skipped=batch.get("skipped"), source_index=batch.get("source_index"),
-                          motion_valid=motion_valid)
+                          motion_valid=motion_valid,
+                          frames_u8=frames[:1].clone() if self.picture_step and self.picture_step(step) else None)
 
 
 def build_batch_preparer(cfg: TrainConfig, device: torch.device, rank: int = 0) -> BatchPreparer:
