@@ -66,6 +66,17 @@ class TrackerConfig:
     compile: bool = False
     cuda_graph: bool = False  # CoTracker3 on CUDA: capture the network once per shape and replay it
     overlap: bool = True  # CUDA: prepare batch i+1 (decode copy, tracking, targets) on a side stream during step i
+    # Where tracks come from (README, "Tracker placement"): "inline" tracks every clip in the training process;
+    # "store" reads tracks of K fixed windows per video from a track store (filled on a miss, or ahead of time by
+    # `python -m trackmae_stream.tracks precompute`) and remaps them to each clip's crop; "ranks" leaves decoding
+    # and tracking to `tracking_ranks` ranks of the torchrun world, which send prepared batches to the others.
+    placement: str = "inline"
+    windows_per_video: int = 4  # K: clip windows per video the store holds (placement=store); the clip start is
+    #                             drawn among them
+    store_path: str | None = None  # default: <cache folder>/tracks
+    store_grid: int = 28  # query points per side over the whole stored frame (denser than the clip's grid)
+    store_size: int = 256  # the whole frame is tracked at store_size x store_size
+    tracking_ranks: int = 1  # placement=ranks: how many of the world's ranks track (the last ones)
 
 
 @dataclass
@@ -169,6 +180,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "tracker.grid_rule": ("cotracker", "naive", "patch_centred"),
     "tracker.resolution": ("official", "native"),
     "tracker.precision": ("fp32", "bf16"),
+    "tracker.placement": ("inline", "store", "ranks"),
     "target.spatial": ("pixel", "clip", "none"),
     "target.displacement": ("frame", "first"),
     "target.motion_norm": ("patch", "none", "patch_safe"),
@@ -310,6 +322,14 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _fail(prefix, dim, f"must be divisible by its head count {heads}")
     if cfg.resume not in (None, "auto") and not Path(cfg.resume).expanduser().is_file():
         _fail("resume", cfg.resume, "checkpoint file not found (use 'auto' to pick the newest in the run folder)")
+    if t.windows_per_video < 1:
+        _fail("tracker.windows_per_video", t.windows_per_video, "must be >= 1")
+    if t.store_grid < 2:
+        _fail("tracker.store_grid", t.store_grid, "must be >= 2")
+    if t.store_size < 16:
+        _fail("tracker.store_size", t.store_size, "must be >= 16 pixels")
+    if t.placement == "ranks" and t.tracking_ranks < 1:
+        _fail("tracker.tracking_ranks", t.tracking_ranks, "must be >= 1 with tracker.placement='ranks'")
     if not 0.0 <= cfg.target.visibility_threshold <= 1.0:
         _fail("target.visibility_threshold", cfg.target.visibility_threshold, "must lie in [0, 1]")
     if cfg.visualize_every < 0:
