@@ -328,6 +328,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("tracker.store_grid", t.store_grid, "must be >= 2")
     if t.store_size < 16:
         _fail("tracker.store_size", t.store_size, "must be >= 16 pixels")
+    if t.placement == "store" and cfg.data.loader != "cpu":
+        _fail("tracker.placement", t.placement, "the track store reads through the CPU loader: set data.loader=cpu")
     if t.placement == "ranks" and t.tracking_ranks < 1:
         _fail("tracker.tracking_ranks", t.tracking_ranks, "must be >= 1 with tracker.placement='ranks'")
     if not 0.0 <= cfg.target.visibility_threshold <= 1.0:

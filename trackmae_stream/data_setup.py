@@ -12,7 +12,14 @@ import torch
 from torch import Tensor
 
 from .config import TrainConfig
-from .data import SkipCounter, VideoClipDataset, build_pretrain_loader, ensure_synthetic_dataset, read_video_list
+from .data import (
+    SkipCounter,
+    VideoClipDataset,
+    VideoRecord,
+    build_pretrain_loader,
+    ensure_synthetic_dataset,
+    read_video_list,
+)
 from .distributed import DistInfo, barrier
 
 log = logging.getLogger(__name__)
@@ -37,7 +44,7 @@ class SkipReport:
         if dist.world_size == 1:
             return self.counter
         states = [None] * dist.world_size
-        torch.distributed.all_gather_object(states, self.counter.state_dict())
+        torch.distributed.all_gather_object(states, self.counter.state_dict(), group=dist.group)
         merged = SkipCounter(self.records, max_skip_fraction=self.counter.max_skip_fraction)
         merged.load_state_dict({"failed": sorted(set().union(*(s["failed"] for s in states))),
                                 "used": sorted(set().union(*(s["used"] for s in states))),
@@ -71,7 +78,9 @@ class DataSetup:
             close()
 
 
-def build_data(cfg: TrainConfig, dist: DistInfo, device: torch.device) -> DataSetup:
+def video_records(cfg: TrainConfig) -> tuple[list[VideoRecord], Path, str]:
+    """The run's videos (the synthetic set, generated on first use, or the list), the list file and a description.
+    A malformed list line fails here, naming file and line."""
     d = cfg.data
     if d.source == "synthetic":
         root = Path(d.synthetic_dir).expanduser() if d.synthetic_dir else None
@@ -82,7 +91,17 @@ def build_data(cfg: TrainConfig, dist: DistInfo, device: torch.device) -> DataSe
     else:
         list_file, list_root = Path(d.list_file).expanduser(), (Path(d.root).expanduser() if d.root else None)
         description = f"list {list_file}"
-    records = read_video_list(list_file, list_root)  # a malformed line fails here, naming file and line
+    return read_video_list(list_file, list_root), list_file, description
+
+
+def build_data(cfg: TrainConfig, dist: DistInfo, device: torch.device,
+               shard: tuple[int, int] | None = None) -> DataSetup:
+    """The loader of one rank's share of the videos: `shard` = (rank, ranks) when it is not this process's own
+    (tracker.placement=ranks: a tracking rank loads for the training ranks it serves); `dist` orders the DALI
+    probe among the processes that build loaders."""
+    d = cfg.data
+    shard_rank, num_shards = shard if shard is not None else (dist.rank, dist.world_size)
+    records, list_file, description = video_records(cfg)
     dropped = 0
     if d.loader == "dali":
         from .data import default_cache_dir
@@ -95,8 +114,8 @@ def build_data(cfg: TrainConfig, dist: DistInfo, device: torch.device) -> DataSe
         def build():
             return build_dali_loader(records, batch_size=cfg.batch_size, num_frames=d.num_frames,
                                      sampling_rate=d.sampling_rate, input_size=d.input_size, scales=d.scales,
-                                     flip=d.flip, num_sample=d.num_sample, seed=cfg.seed, shard_id=dist.rank,
-                                     num_shards=dist.world_size, device="gpu" if device.type == "cuda" else "cpu",
+                                     flip=d.flip, num_sample=d.num_sample, seed=cfg.seed, shard_id=shard_rank,
+                                     num_shards=num_shards, device="gpu" if device.type == "cuda" else "cpu",
                                      device_id=device.index if device.type == "cuda" else None,
                                      num_threads=max(2, d.num_workers), prefetch=d.prefetch_batches,
                                      probe_cache=probe_cache, max_skip_fraction=d.max_skip_fraction)
@@ -111,16 +130,21 @@ def build_data(cfg: TrainConfig, dist: DistInfo, device: torch.device) -> DataSe
         log.info(loader.dropped_summary())
         description += ", DALI " + ("GPU" if device.type == "cuda" else "CPU") + " decoding"
     else:
+        track_windows = None
+        if cfg.tracker.placement == "store" and (cfg.target.motion or cfg.mask.type == "motion"):
+            from .tracks.source import TrackWindows, open_store
+
+            track_windows = TrackWindows(cfg, open_store(cfg, readonly=True))
         dataset = VideoClipDataset(records, num_frames=d.num_frames, sampling_rate=d.sampling_rate,
                                    input_size=d.input_size, scales=d.scales, flip=d.flip, num_sample=d.num_sample,
-                                   decoder=d.decoder, seed=cfg.seed)
+                                   decoder=d.decoder, seed=cfg.seed, track_windows=track_windows)
         loader = build_pretrain_loader(dataset, batch_size=cfg.batch_size, num_workers=d.num_workers,
-                                       rank=dist.rank, world_size=dist.world_size, seed=cfg.seed,
+                                       rank=shard_rank, world_size=num_shards, seed=cfg.seed,
                                        pin_memory=device.type == "cuda", prefetch_factor=d.prefetch_batches)
         description += f", {d.decoder} decoding in {d.num_workers} workers"
     if loader.batches_per_epoch < 1:
         raise ValueError(f"{list_file}: {len(records)} videos give no full batch of batch_size={cfg.batch_size} per "
-                         f"rank on {dist.world_size} rank(s); lower batch_size or add videos")
-    counter = SkipCounter(records, max_skip_fraction=d.max_skip_fraction, world_size=dist.world_size)
+                         f"rank on {num_shards} rank(s); lower batch_size or add videos")
+    counter = SkipCounter(records, max_skip_fraction=d.max_skip_fraction, world_size=num_shards)
     return DataSetup(loader=loader, skips=SkipReport(records, counter, dropped), description=description,
                      num_videos=len(records))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -11,10 +12,15 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place among the ranks it trains with. `rank` and `world_size` count those ranks only; with
+    tracker.placement=ranks they are the first ranks of the torchrun world (so `rank` is also the global rank) and
+    `group` is their process group, which every helper below and DDP use (None: the whole world)."""
+
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    group: Any = None
 
     @property
     def is_main(self) -> bool:
@@ -56,23 +62,25 @@ def init_distributed(requested_device: str = "auto") -> DistInfo:
 
 def barrier(info: DistInfo) -> None:
     if info.world_size > 1:
-        dist.barrier()
+        dist.barrier(group=info.group)
 
 
 def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     if info.world_size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=info.group)
     return tensor
 
 
 def broadcast_object(obj, info: DistInfo, src: int = 0):
+    """`src` is a global rank (rank 0 trains in every placement)."""
     if info.world_size == 1:
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=info.group)
     return holder[0]
 
 
 def shutdown(info: DistInfo) -> None:
-    if info.world_size > 1 and dist.is_initialized():
+    # `group`: a single training rank beside tracking ranks still belongs to a world of several
+    if (info.world_size > 1 or info.group is not None) and dist.is_initialized():
         dist.destroy_process_group()

@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +43,9 @@ from .run_folder import (
 )
 from .stop_signal import StopSignal
 from .targets import TargetBuilder
+
+if TYPE_CHECKING:
+    from .tracks.remote import RemoteBatches
 
 log = logging.getLogger("trackmae_stream")
 
@@ -131,9 +134,11 @@ def compute_losses(pred: dict[str, Tensor], batch: TrainBatch, lam: float) -> di
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, remote: RemoteBatches | None = None):
         self.cfg = cfg
-        self.dist: DistInfo = init_distributed(cfg.device)
+        # tracker.placement=ranks: batches come prepared from a tracking rank; `dist` then counts training ranks only
+        self.remote = remote
+        self.dist: DistInfo = remote.dist if remote is not None else init_distributed(cfg.device)
         setup_logging(self.dist.is_main)
         self.device = self.dist.device
         cuda = self.device.type == "cuda"
@@ -160,7 +165,8 @@ class Trainer:
         self.identity = run_identity(cfg)
 
         # data
-        self.data: DataSetup = build_data(cfg, self.dist, self.device)
+        self.data: DataSetup = (self.remote.data_setup() if self.remote is not None
+                                else build_data(cfg, self.dist, self.device))
         accum = cfg.optim.accum_steps
         if self.data.batches_per_epoch < accum:
             raise ConfigError(f"optim.accum_steps={accum}: an epoch has only {self.data.batches_per_epoch} batches "
@@ -169,10 +175,12 @@ class Trainer:
         self.total_steps = cfg.optim.max_steps or cfg.optim.epochs * self.steps_per_epoch
 
         # tracking, targets, masks
-        self.preparer = build_batch_preparer(cfg, self.device, rank=self.dist.rank)
+        self.preparer = (self.remote.preparer() if self.remote is not None  # no tracker here: shapes and names only
+                         else build_batch_preparer(cfg, self.device, rank=self.dist.rank))
         if self.dist.is_main:  # pictures come from rank 0's first clip; other ranks keep no frames
             self.preparer.picture_step = self._pictured_micro_batch
         self._picture: tuple[TrainBatch, dict[str, Tensor]] | None = None
+        self._store_seen = (0, 0)  # store hits and misses up to the last log interval
         self.targets, self.masks, self.tracker = self.preparer.targets, self.preparer.masks, self.preparer.tracker
         # One preparation stream for the whole run: the caching allocator keeps a pool per stream.
         self.side_stream = torch.cuda.Stream(self.device) if cuda and cfg.tracker.overlap else None
@@ -196,7 +204,7 @@ class Trainer:
         if self.dist.world_size > 1:
             # The only buffers are the fixed sin-cos tables: nothing to broadcast every step.
             model = DistributedDataParallel(model, device_ids=[self.device.index] if cuda else None,
-                                            broadcast_buffers=False)
+                                            broadcast_buffers=False, process_group=self.dist.group)
             if hasattr(model, "_set_ddp_runtime_logging_sample_rate"):
                 # DDP's sampled runtime stats wait on CUDA events (a host sync before forward every 100 steps)
                 model._set_ddp_runtime_logging_sample_rate(2 ** 31 - 1)
@@ -285,7 +293,7 @@ class Trainer:
         mine = {"rng": capture_rng_state(), "skips": self.data.skips.state_dict()}
         if self.dist.world_size > 1:
             per_rank = [None] * self.dist.world_size
-            torch.distributed.all_gather_object(per_rank, mine)
+            torch.distributed.all_gather_object(per_rank, mine, group=self.dist.group)
         else:
             per_rank = [mine]
         return {
@@ -365,8 +373,12 @@ class Trainer:
                     self.epoch += 1
                     self.batch_in_epoch = 0
                 self.data.set_position(self.epoch, self.batch_in_epoch)
-                batches = StreamingPrefetcher(self.data.loader, self.preparer, start_step=self.step * accum,
-                                              timer=state.timer, stream=self.side_stream)
+                if self.remote is not None:  # prepared on a tracking rank, received while the step runs
+                    batches = self.remote.prefetcher(self.epoch, self.batch_in_epoch, step=self.step,
+                                                     total_steps=self.total_steps, timer=state.timer)
+                else:
+                    batches = StreamingPrefetcher(self.data.loader, self.preparer, start_step=self.step * accum,
+                                                  timer=state.timer, stream=self.side_stream)
                 self.model.train()
                 try:
                     while self.step < self.total_steps and self.batch_in_epoch + accum <= self.data.batches_per_epoch:
@@ -481,7 +493,7 @@ class Trainer:
         flag = first_bad_step.clone()
         flag = torch.where(flag < 0, torch.full_like(flag, torch.iinfo(torch.long).max), flag)
         if self.dist.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=self.dist.group)
         bad = int(flag.item())
         if bad != torch.iinfo(torch.long).max:
             self.logger.event({"event": "nonfinite", "step": bad + 1, "last_checkpoint": str(self.last_checkpoint)})
@@ -512,6 +524,7 @@ class Trainer:
         }
         if self.peak is not None:
             record["mfu"] = self.flops_per_clip * clips_per_s / self.dist.world_size / (self.peak * 1e12)
+        record.update(self._tracking_cost(timer.clips))
         self.loss_history.append(values["loss"])
         self.logger.log(record)
         if self.dist.is_main:
@@ -520,12 +533,38 @@ class Trainer:
         state.reset()
         return record
 
+    def _tracking_cost(self, clips: int) -> dict[str, Any]:
+        """What tracking cost this interval, over all ranks: the tracker GFLOP per trained clip (inline: every clip
+        is tracked; store: only the misses, on the store grid) and, with the store, its hits and misses."""
+        if self.tracker is None:
+            return {}
+        cfg = self.cfg
+        slots = cfg.data.num_frames // cfg.model.tubelet_size
+        source = self.preparer.track_source
+        if source is None:
+            side = cfg.data.input_size
+            gflop = self.tracker.gflop(slots, tracker_grid_size(cfg) ** 2, side, side)
+            return {} if gflop is None else {"tracker_gflop_per_clip": gflop}
+        hits, misses = source.stats["hits"], source.stats["misses"]
+        seen_hits, seen_misses = self._store_seen
+        self._store_seen = hits, misses
+        counts = torch.tensor([hits - seen_hits, misses - seen_misses, clips], dtype=torch.float64, device=self.device)
+        hits, misses, clips = (int(v) for v in all_reduce_sum(counts, self.dist).tolist())
+        out: dict[str, Any] = {"store_hits": hits, "store_misses": misses}
+        size = cfg.tracker.store_size
+        gflop = self.tracker.gflop(slots, cfg.tracker.store_grid ** 2, size, size, explicit_queries=True)
+        if gflop is not None:
+            out["tracker_gflop_per_clip"] = gflop * misses / max(1, clips)
+        return out
+
     def _summary(self) -> RunSummary:
         return RunSummary(run_dir=self.run_dir, step=self.step, epoch=self.epoch, losses=list(self.loss_history),
                           last_checkpoint=self.last_checkpoint, skipped_videos=self.skipped_videos,
                           is_main=self.dist.is_main, stopped_by=self.stopped_by)
 
     def close(self) -> None:
+        if self.remote is not None:  # tell the tracking rank to stop (and why) before the groups go away
+            self.remote.close(self.stopped_by)
         self.data.close()
         self.logger.close()
         shutdown(self.dist)
@@ -566,7 +605,21 @@ class _IntervalState:
 
 
 def train(cfg: TrainConfig) -> RunSummary:
-    trainer = Trainer(cfg)
+    remote = None
+    if cfg.tracker.placement == "ranks":  # the last tracker.tracking_ranks ranks decode and track for the others
+        from .tracks.remote import RemoteBatches, join_world, serve_tracking
+
+        world = join_world(cfg)
+        if world.is_tracking:
+            return serve_tracking(cfg, world)
+        remote = RemoteBatches(cfg, world)
+    try:
+        trainer = Trainer(cfg, remote=remote)
+    except BaseException:
+        if remote is not None:  # the tracking rank waits for a start or stop word
+            remote.close()
+            shutdown(remote.dist)
+        raise
     try:
         return trainer.train()
     finally:

@@ -153,7 +153,8 @@ def format_record(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']}", f"epoch {record['epoch']}"]
     for key, fmt in (("loss", "{:.4f}"), ("loss_spatial", "{:.4f}"), ("loss_motion", "{:.4f}"),
                      ("rel_spatial", "{:.3f}"), ("rel_motion", "{:.3f}"), ("lr", "{:.2e}"),
-                     ("clips_per_s", "{:.1f}"), ("data_wait", "{:.0%}"), ("mfu", "{:.1%}"), ("mem_gib", "{:.2f}")):
+                     ("clips_per_s", "{:.1f}"), ("data_wait", "{:.0%}"), ("mfu", "{:.1%}"), ("mem_gib", "{:.2f}"),
+                     ("tracker_gflop_per_clip", "{:.1f}"), ("store_hits", "{}"), ("store_misses", "{}")):
         if record.get(key) is not None:
             parts.append(f"{key} " + fmt.format(record[key]))
     if record.get("skipped_videos"):

@@ -71,6 +71,8 @@ class BatchPreparer:
         self.patch_dtype = torch.bfloat16 if (device.type == "cuda" and cfg.precision == "bf16") else torch.float32
         # micro-batch index -> keep the first clip's frames for a picture (set by the trainer; None: never)
         self.picture_step: Callable[[int], bool] | None = None
+        # tracker.placement=store: tracks from the store and the remap instead of tracking the clip
+        self.track_source: Any = None
 
     @property
     def needs_tracks(self) -> bool:
@@ -88,7 +90,7 @@ class BatchPreparer:
         b = frames.shape[0]
         motion_all = token_stat = valid_all = None
         if self.needs_tracks:
-            tracked = self.track(frames)
+            tracked = self.track_source(batch, frames) if self.track_source is not None else self.track(frames)
             if self.cfg.target.motion:
                 motion_all, token_stat, valid_all = self.targets.motion(tracked.tracks, tracked.visibility)
             else:  # motion-aware masking only: the statistic, not the targets
@@ -114,7 +116,12 @@ def build_batch_preparer(cfg: TrainConfig, device: torch.device, rank: int = 0) 
     masks = MaskGenerator(cfg.mask, tokens_per_frame=side * side,
                           num_slots=cfg.data.num_frames // cfg.model.tubelet_size, seed=cfg.seed, rank=rank)
     tracker = build_tracker(cfg.tracker, device) if (cfg.target.motion or masks.needs_motion) else None
-    return BatchPreparer(cfg, tracker, TargetBuilder(cfg).to(device), masks, device)
+    preparer = BatchPreparer(cfg, tracker, TargetBuilder(cfg).to(device), masks, device)
+    if tracker is not None and cfg.tracker.placement == "store":
+        from .tracks.source import StoreTrackSource, open_store
+
+        preparer.track_source = StoreTrackSource(cfg, tracker, open_store(cfg, readonly=False), device)
+    return preparer
 
 
 class StreamingPrefetcher:

@@ -33,7 +33,11 @@ class StopSignal:
         self._previous: dict[int, object] = {}
         self._flag = torch.zeros(1, dtype=torch.int32)
         # A CPU group for the agreement: the default group may be NCCL, which would need a device tensor and a sync.
-        self._group = dist.new_group(backend="gloo") if info.world_size > 1 else None
+        # Over the training ranks only (tracker.placement=ranks: `info.group`); the tracking ranks do not call this,
+        # so then only the members synchronise the group's creation.
+        ranks = dist.get_process_group_ranks(info.group) if info.group is not None else None
+        self._group = (dist.new_group(ranks=ranks, backend="gloo", use_local_synchronization=ranks is not None)
+                       if info.world_size > 1 else None)
         if threading.current_thread() is threading.main_thread():
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

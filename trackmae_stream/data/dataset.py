@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -96,7 +97,8 @@ class VideoClipDataset(torch.utils.data.Dataset):
     def __init__(self, records: Sequence[VideoRecord], *, num_frames: int, sampling_rate: int, input_size: int,
                  scales: Sequence[float] = DEFAULT_SCALES, max_distort: int = 1, fix_crop: bool = True,
                  more_fix_crop: bool = True, flip: bool = False, num_sample: int = 1, decoder: str = DEFAULT_DECODER,
-                 decoder_threads: int = 1, seed: int = 0, max_retries: int = 4, substitute: bool = True):
+                 decoder_threads: int = 1, seed: int = 0, max_retries: int = 4, substitute: bool = True,
+                 track_windows: Any = None):
         if not records:
             raise ValueError("VideoClipDataset needs at least one record")
         if decoder not in DECODERS:
@@ -122,6 +124,9 @@ class VideoClipDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.max_retries = max_retries
         self.substitute = substitute
+        # tracker.placement=store (trackmae_stream.tracks.source.TrackWindows): the clip start is drawn among the
+        # video's K windows, and each sample carries the window's stored tracks or the frames to track
+        self.track_windows = track_windows
         self.epoch = 0
         self._warned: set[str] = set()
 
@@ -132,18 +137,25 @@ class VideoClipDataset(torch.utils.data.Dataset):
         """Epoch used for plain integer keys (the loader passes the epoch with every key instead)."""
         self.epoch = epoch
 
-    def _decode(self, record: VideoRecord, epoch: int, index: int, attempt: int) -> tuple[np.ndarray, np.ndarray]:
-        """Frames (T, H, W, 3) and their indices for one record; VideoDecodeError when it cannot be used."""
+    def _decode(self, record: VideoRecord, epoch: int, index: int,
+                attempt: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Frames (T, H, W, 3), their indices and the window (-1: none) of one record; VideoDecodeError when it
+        cannot be used."""
         with open_video(record.path, self.decoder, threads=self.decoder_threads) as reader:
             available = reader.num_frames
             while True:
                 if available < self.num_frames:
                     raise VideoDecodeError(record.path, f"too short: {available} frames < num_frames "
                                                         f"{self.num_frames}")
-                indices = draw_frame_indices(available, self.num_frames, self.sampling_rate, seed=self.seed,
-                                             epoch=epoch, index=index, attempt=attempt)
+                window = -1
+                if self.track_windows is not None:
+                    window, indices = self.track_windows.frame_indices(available, seed=self.seed, epoch=epoch,
+                                                                       index=index, attempt=attempt)
+                else:
+                    indices = draw_frame_indices(available, self.num_frames, self.sampling_rate, seed=self.seed,
+                                                 epoch=epoch, index=index, attempt=attempt)
                 try:
-                    return reader.read(indices), indices
+                    return reader.read(indices), indices, window
                 except ShortReadError as error:
                     decodable = reader.count_decodable_frames()
                     if decodable >= available or available - decodable > FRAME_COUNT_TOLERANCE:
@@ -175,11 +187,14 @@ class VideoClipDataset(torch.utils.data.Dataset):
         return clips, boxes, flipped
 
     def _load(self, record: VideoRecord, epoch: int, index: int,
-              attempt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Clips, boxes, flips and frame indices of one record; VideoDecodeError for whatever goes wrong with it."""
+              attempt: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Clips, boxes, flips, frame indices and track extras (placement=store) of one record; VideoDecodeError for
+        whatever goes wrong with it."""
         try:
-            frames, indices = self._decode(record, epoch, index, attempt)
-            return (*self._augment(frames, epoch, index, attempt), indices)
+            frames, indices, window = self._decode(record, epoch, index, attempt)
+            extras = (self.track_windows.extras(str(record.path), frames, window, indices)
+                      if self.track_windows is not None else {})
+            return (*self._augment(frames, epoch, index, attempt), indices, extras)
         except VideoDecodeError:
             raise
         except Exception as error:
@@ -196,7 +211,7 @@ class VideoClipDataset(torch.utils.data.Dataset):
         source = index
         for attempt in range(self.max_retries + 1):
             try:
-                clips, boxes, flipped, indices = self._load(self.records[source], epoch, index, attempt)
+                clips, boxes, flipped, indices, extras = self._load(self.records[source], epoch, index, attempt)
                 break
             except VideoDecodeError as error:
                 if not self.substitute:
@@ -222,4 +237,5 @@ class VideoClipDataset(torch.utils.data.Dataset):
             "frame_indices": torch.from_numpy(np.repeat(indices[None], self.num_sample, axis=0)),
             "crop_box": torch.from_numpy(boxes),
             "flipped": torch.from_numpy(flipped),
+            **extras,
         }

@@ -49,6 +49,21 @@ def collate_clips(samples: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch
     source_index (B,), skipped (B, max_retries)."""
     batch = {key: torch.cat([s[key] for s in samples]) for key in _PER_CLIP_KEYS}
     batch.update({key: torch.stack([s[key] for s in samples]) for key in _PER_SAMPLE_KEYS})
+    # Extra per-sample fields (tracker.placement=store): tensors every sample carries are stacked, other values
+    # listed; a tensor only some samples carry (the frames of store misses) is stacked over those, with their rows
+    # in `<key>_rows`.
+    extra = {key for s in samples for key in s} - set(_PER_CLIP_KEYS) - set(_PER_SAMPLE_KEYS)
+    for key in sorted(extra):
+        rows = [i for i, s in enumerate(samples) if key in s]
+        values = [samples[i][key] for i in rows]
+        if len(rows) < len(samples):
+            batch[f"{key}_rows"] = torch.tensor(rows, dtype=torch.int64)
+            if values:
+                batch[key] = torch.stack(values)
+        elif isinstance(values[0], torch.Tensor):
+            batch[key] = torch.stack(values)
+        else:
+            batch[key] = values
     return batch
 
 

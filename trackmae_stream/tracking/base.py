@@ -86,6 +86,12 @@ class PointTracker(nn.Module, abc.ABC):
     def forward(self, frames: Tensor, queries: Tensor) -> TrackerOutput:
         """frames (B, T, 3, H, W) float in [0, 255]; queries (B, N, 3) as (t, x, y) pixels."""
 
+    def gflop(self, n_frames: int, n_points: int, height: int, width: int, *,
+              explicit_queries: bool = False) -> float | None:
+        """Analytic GFLOP of tracking one clip of n_frames x height x width with n_points queries, by `track_grid`
+        or (explicit_queries) by `forward` (None: this tracker has no FLOP model; the log then shows none)."""
+        return None
+
     @torch.no_grad()
     def track_grid(self, frames: Tensor, grid_size: int) -> TrackerOutput:
         """Track a G x G grid of frame-0 points (placed by `self.grid_rule`) through the clip."""

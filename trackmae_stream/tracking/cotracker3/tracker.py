@@ -50,6 +50,17 @@ class CoTracker3Tracker(PointTracker):
         visibility = prediction.visibility.float() if self.binary_visibility else prediction.visibility_prob
         return TrackerOutput(tracks=prediction.tracks, visibility=visibility)
 
+    def gflop(self, n_frames: int, n_points: int, height: int, width: int, *, explicit_queries: bool = False) -> float:
+        """The analytic count (flops.py) at the resolution the predictor runs (explicit queries: + its support grid)."""
+        from .flops import cotracker3_gflop
+        from .predictor import resolve_resolution
+
+        model_h, model_w = resolve_resolution(self.predictor.resolution, height, width, self.predictor.model.stride)
+        window = None if self.name.endswith("offline") else self.predictor.model.window_len
+        support = self.predictor.support_grid_size ** 2 if explicit_queries else 0
+        return cotracker3_gflop(n_frames, n_points + support, model_h, model_w, self.predictor.iters,
+                                window=window).total
+
     @torch.no_grad()
     def forward(self, frames: Tensor, queries: Tensor) -> TrackerOutput:
         """frames (B, T, 3, H, W) float in [0, 255]; queries (B, N, 3) as (t, x, y) pixels of the frames."""
