@@ -40,7 +40,7 @@ VARIANTS = ("none", "inline", "store_cold", "store_warm", "ranks")
 REPO = Path(__file__).resolve().parents[1]
 
 # Small CPU shapes: a tiny ViT on 64² clips of 8 frames, so that a variant takes seconds, not minutes.
-CPU_OVERRIDES = ["data.input_size=64", "data.num_frames=8", "data.sampling_rate=2", "data.synthetic_videos=32",
+CPU_OVERRIDES = ["data.input_size=64", "data.num_frames=8", "data.sampling_rate=2", "data.synthetic_videos=96",
                  "data.synthetic_size=96", "data.synthetic_frames=24", "batch_size=4", "model.embed_dim=96",
                  "model.depth=2", "model.num_heads=3", "model.decoder_dim=64", "model.decoder_depth=1",
                  "model.decoder_heads=2", "optim.lr=1e-3", "optim.warmup_steps=1", "tracker.store_size=96",
@@ -207,14 +207,11 @@ def main(argv=None) -> int:
                 if variant in row and free:
                     row[f"ratio_{variant}"] = free / row[variant]["clips_per_s"]
             results[tracker] = row
-    def row_of(tracker: str, variant: str) -> list[str]:
-        got = results[tracker][variant]
-        gflop = got["tracker_gflop_per_clip"]
-        return [tracker, variant, f"{got['clips_per_s']:.2f}", f"{results[tracker].get(f'ratio_{variant}', 1.0):.2f}",
-                "-" if gflop is None else f"{gflop:.2f}", f"{got['store_hits']}/{got['store_misses']}"]
-
-    table = [row_of(t, v) for t in results for v in args.variants if v in results[t]]
-    print_table(table, ["tracker", "variant", "clips/s", "ratio", "tracker GFLOP/clip", "store hits/misses"])
+    table = [{"tracker": t, "variant": v, "ratio": results[t].get(f"ratio_{v}", 1.0), **results[t][v]}
+             for t in results for v in args.variants if v in results[t]]
+    print_table(table, [("tracker", "{}"), ("variant", "{}"), ("clips_per_s", "{:.2f}", "clips/s"),
+                        ("ratio", "{:.2f}"), ("tracker_gflop_per_clip", "{:.2f}", "tracker GFLOP/clip"),
+                        ("store_hits", "{}", "store hits"), ("store_misses", "{}", "misses")])
     tag = device_tag(device)
     out = Path(args.out) if args.out else RESULTS_DIR / f"track_reuse_{tag}.json"
     payload = {"device": device_name(device), "preset": args.preset, "overrides": base, "steps": args.steps,

@@ -292,7 +292,8 @@ class _Waiter:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self.busy = 0  # handles given and not yet completed (or failed)
         _WAITERS.add(self)
-        threading.Thread(target=self._run, name=name, daemon=True).start()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
 
     def watch(self, works: list[tuple[Any, bool]], keep: Any = None) -> _Pending:
         """Completion of `works`, pairs of (handle, poll): poll for NCCL's handles, wait for gloo's."""
@@ -302,7 +303,11 @@ class _Waiter:
         return pending
 
     def close(self) -> None:
-        self._queue.put(None)  # a thread stuck on a handle that never completes stays behind (a daemon)
+        # Let the thread leave c10d before the process groups are destroyed (a thread inside gloo's wait() while the
+        # group goes away aborts the process); one stuck on a handle that never completes stays behind (a daemon,
+        # and the atexit guard below ends the process).
+        self._queue.put(None)
+        self._thread.join(timeout=5.0)
 
     def _run(self) -> None:
         while (item := self._queue.get()) is not None:
