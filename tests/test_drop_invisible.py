@@ -9,6 +9,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from test_targets_motion import CASES, random_tracks  # the twins' shapes and tracks, shared
 from torch import Tensor
 
 from trackmae_stream import kernels
@@ -22,15 +23,6 @@ from trackmae_stream.tracking import PointTracker, TrackerOutput
 needs_triton = pytest.mark.skipif(not triton_support.HAS_TRITON, reason="triton does not import")
 
 THRESHOLD = 0.5
-
-
-def random_tracks(batch: int, frames: int, grid: int, seed: int) -> Tensor:
-    """Absolute positions on a jittered grid that random-walk a few pixels per frame."""
-    gen = torch.Generator().manual_seed(seed)
-    ys, xs = torch.meshgrid(torch.arange(grid) * 9.0 + 4, torch.arange(grid) * 7.0 + 3, indexing="ij")
-    base = torch.stack([xs, ys], dim=-1).reshape(1, 1, grid * grid, 2)
-    walk = torch.cumsum(torch.randn(batch, frames, grid * grid, 2, generator=gen) * 2.5, dim=1)
-    return (base + walk + torch.rand(batch, 1, grid * grid, 2, generator=gen) * 3).float()
 
 
 def random_visibility(batch: int, frames: int, grid: int, seed: int, hidden: float) -> Tensor:
@@ -119,14 +111,6 @@ def brute_force(tracks: np.ndarray, vis: np.ndarray, tokens_side: int, upsample:
                 count += 1
         stat[b, i * tokens_side + j] = total / count if count else 0.0
     return targets, valid, stat, scales
-
-
-# (batch, frames, G, upsample, tokens_side): odd sizes, T = 2 (one real step), s = G*u/h from 1 to 4, pooled
-# statistics (G > h) on three of them
-SHAPES = [(2, 3, 5, 3, 5), (3, 4, 6, 2, 3), (2, 5, 6, 1, 3), (2, 3, 3, 1, 3), (1, 2, 4, 2, 2)]
-OPTIONS = [("frame", "patch"), ("first", "patch_safe"), ("first", "none"), ("frame", "none")]
-CASES = [(shape, option) for shape in SHAPES for option in OPTIONS
-         if not (shape[2] * shape[3] // shape[4] == 1 and option[1] != "none")]
 
 
 @pytest.mark.parametrize("shape,option", CASES)
