@@ -111,22 +111,27 @@ def test_ranks_placement_equals_inline_bit_for_bit(synthetic, tmp_path):
         for rank in range(2):
             data = build_data(cfg, DistInfo(rank, 2, 0, CPU), CPU)
             preparer = build_batch_preparer(cfg, CPU, rank=rank)
-            assert data.batches_per_epoch == 4
-            for epoch in range(3):
-                data.set_position(epoch, 0)
-                batches = iter(data.loader)
-                for b_in_epoch in range(3):  # the fourth batch of each epoch is the dropped tail
-                    micro = 3 * epoch + b_in_epoch
-                    loaded = next(batches)
-                    expected = preparer(loaded, micro)
-                    got = torch.load(dump / f"rank{rank}_batch{micro:05d}.pt", weights_only=True)
-                    assert tuple(got["position"]) == (epoch, b_in_epoch, micro)
-                    for f in fields(TrainBatch):
-                        if f.name == "frames_u8":  # only the pictured micro-batch (rank 0, the last) carries them
-                            pictured = rank == 0 and micro == 8
-                            assert _same(got[f.name], loaded["frames"][:1] if pictured else None), (rank, micro)
-                        else:
-                            assert _same(got[f.name], getattr(expected, f.name)), (rank, micro, f.name)
+            # 3 optimizer steps of 3 micro-batches; an epoch's tail of fewer than 3 batches is dropped (the
+            # synthetic set's split decides how many steps an epoch holds)
+            steps_per_epoch = data.batches_per_epoch // 3
+            assert steps_per_epoch >= 1
+            batches, epoch_open = None, -1
+            for micro in range(9):
+                step, within = divmod(micro, 3)
+                epoch, b_in_epoch = step // steps_per_epoch, (step % steps_per_epoch) * 3 + within
+                if epoch != epoch_open:
+                    data.set_position(epoch, 0)
+                    batches, epoch_open = iter(data.loader), epoch
+                loaded = next(batches)
+                expected = preparer(loaded, micro)
+                got = torch.load(dump / f"rank{rank}_batch{micro:05d}.pt", weights_only=True)
+                assert tuple(got["position"]) == (epoch, b_in_epoch, micro)
+                for f in fields(TrainBatch):
+                    if f.name == "frames_u8":  # only the pictured micro-batch (rank 0, the last) carries them
+                        pictured = rank == 0 and micro == 8
+                        assert _same(got[f.name], loaded["frames"][:1] if pictured else None), (rank, micro)
+                    else:
+                        assert _same(got[f.name], getattr(expected, f.name)), (rank, micro, f.name)
             data.close()
     finally:
         torch.set_num_threads(threads)
