@@ -35,6 +35,9 @@ class DataConfig:
     synthetic_videos: int = 48
     synthetic_size: int = 128
     synthetic_frames: int = 40
+    # what decides the class: "motion" (direction of travel alone, 8 classes) | "legacy" (set version 2: direction x
+    # rotation sense, frame-0 positions leak the direction); data/synthetic.py
+    synthetic_task: str = "motion"
     loader: str = "cpu"  # "cpu" (DataLoader workers) | "dali" (DALI pipeline; GPU decode with device=cuda)
     decoder: str = "opencv"  # CPU decoder: "opencv" | "pyav"
     num_frames: int = 16
@@ -53,7 +56,8 @@ class DataConfig:
 
 @dataclass
 class TrackerConfig:
-    # "auto": cotracker3 when a checkpoint is set, else lucas-kanade | "cotracker3" | "lucas-kanade"
+    # "auto": cotracker3 when a checkpoint is set, else lucas-kanade | "cotracker3" | "lucas-kanade" | "synthetic_gt"
+    # (exact tracks of the synthetic set, read from its files: separates tracker quality from the method)
     backend: str = "auto"
     checkpoint: str | None = None  # local CoTracker3 file (scaled_offline.pth) or "official" (hub download)
     sha256: str | None = None
@@ -173,9 +177,10 @@ ARCHS: dict[str, dict[str, int]] = {
 
 _CHOICES: dict[str, tuple[str, ...]] = {
     "data.source": ("synthetic", "list"),
+    "data.synthetic_task": ("motion", "legacy"),
     "data.loader": ("cpu", "dali"),
     "data.decoder": ("opencv", "pyav"),
-    "tracker.backend": ("auto", "cotracker3", "lucas-kanade"),
+    "tracker.backend": ("auto", "cotracker3", "lucas-kanade", "synthetic_gt"),
     "tracker.variant": ("offline", "online"),
     "tracker.grid_rule": ("cotracker", "naive", "patch_centred"),
     "tracker.resolution": ("official", "native"),
