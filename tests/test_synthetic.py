@@ -13,9 +13,9 @@ from test_data_helpers import SMALL_SET, bilinear_sample, decode_all_frames, sma
 
 from trackmae_stream.data import read_video_list
 from trackmae_stream.data.synthetic import (
-    CLASS_NAMES,
-    DIRECTIONS,
-    ROTATION_SENSES,
+    MOTION_CLASS_NAMES,
+    MOTION_DIRECTIONS,
+    MOTION_HEADING_JITTER,
     SYNTHETIC_VERSION,
     SyntheticSetError,
     ensure_synthetic_dataset,
@@ -46,9 +46,9 @@ def test_videos_decode_with_the_promised_shape_and_classes_are_balanced(syntheti
         assert path.suffix == ".webm" and tracks_path(path).is_file()
         assert frames.shape == (SMALL_SET["num_frames"], SMALL_SET["size"], SMALL_SET["size"], 3)
         assert frames.std() > 20  # textured, not flat
-    assert synthetic.class_names == CLASS_NAMES
+    assert synthetic.class_names == MOTION_CLASS_NAMES and synthetic.task == "motion"  # the default task
     counts = Counter(synthetic.labels)
-    assert set(counts) == set(range(len(CLASS_NAMES))) and len(set(counts.values())) == 1
+    assert set(counts) == set(range(len(MOTION_CLASS_NAMES))) and len(set(counts.values())) == 1
 
     train = read_video_list(synthetic.list_file)
     val = read_video_list(synthetic.val_list_file)
@@ -60,15 +60,17 @@ def test_videos_decode_with_the_promised_shape_and_classes_are_balanced(syntheti
 
 
 def test_class_is_set_by_motion(synthetic):
+    """The motion task (the default): every object travels within the jitter of its class's direction. (The legacy
+    task's classes: tests/test_synthetic_task.py.)"""
     for path, label in zip(synthetic.videos, synthetic.labels):
         motion = load_motion(path)
-        direction, sense = CLASS_NAMES[label].split("_")
-        unit = np.array(DIRECTIONS[direction])
+        angle = MOTION_DIRECTIONS[MOTION_CLASS_NAMES[label]]
+        unit = np.array([np.cos(angle), np.sin(angle)])
         heading_cos = motion.object_velocity @ unit / np.linalg.norm(motion.object_velocity, axis=1)
-        assert np.all(heading_cos > np.cos(np.radians(25)))
-        assert np.all(np.sign(motion.object_angular_velocity) == ROTATION_SENSES[sense])
+        assert np.all(heading_cos >= np.cos(MOTION_HEADING_JITTER) - 1e-12)
         speeds = np.linalg.norm(motion.object_velocity, axis=1)
         assert np.all((speeds > 0.2) & (speeds < 4.0))  # a few px per frame at most: trackable
+        assert motion.object_wrap_period == SMALL_SET["size"]
 
 
 def test_ground_truth_recomputed_on_the_lattice_equals_the_saved_arrays(synthetic):

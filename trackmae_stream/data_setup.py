@@ -85,7 +85,7 @@ def video_records(cfg: TrainConfig) -> tuple[list[VideoRecord], Path, str]:
     if d.source == "synthetic":
         root = Path(d.synthetic_dir).expanduser() if d.synthetic_dir else None
         synthetic = ensure_synthetic_dataset(root, num_videos=d.synthetic_videos, size=d.synthetic_size,
-                                             num_frames=d.synthetic_frames)
+                                             num_frames=d.synthetic_frames, task=d.synthetic_task)
         list_file, list_root = synthetic.list_file, synthetic.root
         description = f"synthetic set {synthetic.root} ({len(synthetic.class_names)} motion classes)"
     else:
