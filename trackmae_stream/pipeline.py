@@ -121,6 +121,9 @@ def build_batch_preparer(cfg: TrainConfig, device: torch.device, rank: int = 0) 
         from .tracks.source import StoreTrackSource, open_store
 
         preparer.track_source = StoreTrackSource(cfg, tracker, open_store(cfg, readonly=False), device)
+    elif tracker is not None and hasattr(tracker, "clip_track_source"):
+        # a tracker that reads each clip's source rather than its pixels (synthetic_gt: the set's exact motion)
+        preparer.track_source = tracker.clip_track_source(cfg, device)
     return preparer
 
 
