@@ -1,0 +1,1 @@
+"""arithmetic of the seed papers' methods; targets/ and mask policies bind it"""
