@@ -6,7 +6,9 @@ Design (SPEC §3.4, choices marked "ours" where the SPEC leaves one open):
 - State s = stopgrad(patch_embed(x)) (B, N, D), the MAE's patch embeddings before its positional embedding;
   the network adds its own learnable `pos_embed_probs` (zero-initialised). The stop-gradient keeps the RL signal out
   of the MAE.
-- Actor: a learnable CLS token is prepended; one pre-norm block with Motionformer's `TrajectoryAttention`
+- Actor: a learnable CLS token is prepended (as SPEC §3.4 says; with one block it is inert: in trajectory attention
+  the patch queries attend only to patch keys and the CLS output is dropped, so it gets no gradient); one pre-norm
+  block with Motionformer's `TrajectoryAttention`
   (facebookresearch/Motionformer @ bf43d50, slowfast/models/vit_helper.py; `use_original_code=True` keeps its
   documented typo: the temporal step aggregates the trajectory tokens, not their value projection) and an MLP;
   then LayerNorm -> Linear(D, H) -> GELU -> Linear(H, 1) per token -> logits ℓ (B, N), nan_to_num, divided by the
