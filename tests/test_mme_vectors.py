@@ -409,6 +409,66 @@ def test_from_tracks_brute_force_odd_sizes(use_visibility):
     assert 0 < ref_valid.mean() < 1
 
 
+def brute_from_windows(windows, visibility, tokens_side, frame_size, L, use_visibility):
+    """Per-slot windows (B, T', K+1, P, 2), K = 1 (equal steps) or L, one value at a time in float64."""
+    batch, slots, frames, _, _ = windows.shape
+    side, height, width = 2 * tokens_side, *frame_size
+    target = np.zeros((batch, slots * tokens_side ** 2, 8 * L))
+    valid = np.zeros((batch, slots * tokens_side ** 2), bool)
+    for b in range(batch):
+        for t in range(slots):
+            for hp in range(tokens_side):
+                for wp in range(tokens_side):
+                    n = (t * tokens_side + hp) * tokens_side + wp
+                    ids = [(2 * hp + a) * side + 2 * wp + bb for a in range(2) for bb in range(2)]
+                    for i in ids:
+                        w = windows[b, t, :, i]
+                        path = w if frames == L + 1 else [w[0] + (w[1] - w[0]) * k / L for k in range(L + 1)]
+                        ok = all(0 <= path[k][0] < width and 0 <= path[k][1] < height for k in range(1, L))
+                        if use_visibility:
+                            ok &= bool((visibility[b, t, :, i] >= 0.5).all())
+                        valid[b, n] |= ok
+                    for c in range(2):
+                        for k in range(L):
+                            if frames == L + 1:
+                                v = [float(np.clip(windows[b, t, k + 1, i, c] - windows[b, t, k, i, c], -20, 20)) / 20
+                                     for i in ids]
+                            else:
+                                v = [float(np.clip((windows[b, t, 1, i, c] - windows[b, t, 0, i, c]) / L, -20, 20))
+                                     / 20 for i in ids]
+                            mean = sum(v) / 4
+                            std = math.sqrt(sum((x - mean) ** 2 for x in v) / 3)
+                            for q in range(4):
+                                target[b, n, (c * L + k) * 4 + q] = (v[q] - mean) / (std + 1e-6)
+    return target, valid
+
+
+@pytest.mark.parametrize("frames", [2, 4])
+def test_from_requeried_windows_brute_force(frames):
+    """The per-slot window layout (B, T', K+1, G², 2): K = L real steps, K = 1 equal steps; odd sizes, L = 3."""
+    rng = np.random.default_rng(29 + frames)
+    batch, slots, tokens_side, L, height, width = 2, 3, 5, 3, 37, 45
+    side = 2 * tokens_side
+    gy, gx = np.meshgrid(np.linspace(2, 34, side), np.linspace(2, 42, side), indexing="ij")
+    start = np.broadcast_to(np.stack([gx.ravel(), gy.ravel()], -1), (batch, slots, 1, side * side, 2))
+    windows = start + np.cumsum(rng.normal(0, 3.0, size=(batch, slots, frames, side * side, 2)), axis=2)
+    windows[:, :, 0] = start[:, :, 0]
+    windows[1, 1] += np.arange(frames).reshape(frames, 1, 1) * np.array([0.0, 9.0])  # leaves through the bottom
+    visibility = rng.uniform(0.2, 1, size=(batch, slots, frames, side * side))
+    target, valid = mme.mme_trajectory_from_tracks(
+        torch.from_numpy(windows).float(), torch.from_numpy(visibility).float(), tokens_side=tokens_side,
+        frame_size=(height, width), traj_len=L, use_visibility=True)
+    ref_target, ref_valid = brute_from_windows(windows.astype(np.float32).astype(np.float64), visibility,
+                                               tokens_side, (height, width), L, True)
+    assert target.shape == (batch, slots * tokens_side ** 2, 8 * L)
+    np.testing.assert_allclose(target.numpy(), ref_target, rtol=0, atol=1e-4)
+    np.testing.assert_array_equal(valid.numpy(), ref_valid)
+    assert 0 < ref_valid.mean() < 1
+    if frames == 2:  # equal steps: the 4 step blocks of each coordinate are identical
+        blocks = target.view(batch, -1, 2, L, 4)
+        assert torch.equal(blocks, blocks[:, :, :, :1].expand_as(blocks))
+
+
 def test_from_tracks_rigid_motion_and_upsampling():
     """A rigid translation gives z = 0 (SPEC: PatchStd removes a token's mean motion); an affine motion tracked on a
     G = tokens_side grid and upsampled x2 equals tracking the 2x finer grid directly (bilinear is exact there)."""
@@ -456,6 +516,8 @@ def test_bad_shapes_raise_clear_errors():
         mme.mme_hog(torch.zeros(1, 3, 4, 16, 16), layout="NCHW")
     with pytest.raises(ValueError, match="2\\*tokens_side"):
         mme.mme_trajectory_from_tracks(torch.zeros(1, 4, 49, 2), tokens_side=7, frame_size=(112, 112))
+    with pytest.raises(ValueError, match="K\\+1 = 2 or L\\+1"):
+        mme.mme_trajectory_from_tracks(torch.zeros(1, 4, 3, 196, 2), tokens_side=7, frame_size=(112, 112))
     with pytest.raises(ValueError, match="use_visibility needs"):
         mme.mme_trajectory_from_tracks(torch.zeros(1, 4, 196, 2), tokens_side=7, frame_size=(112, 112),
                                        use_visibility=True)

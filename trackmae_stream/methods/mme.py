@@ -41,12 +41,16 @@ Point trackers instead of flow (SPEC §2.6):
 - `mme_dump_from_tracks` is the exact recipe: tracks re-queried on the 8-px grid of the ORIGINAL frame at every
   start frame, followed over L raw frames, turned into the official dump layout (then steps 3-5 unchanged). It uses
   sub-pixel steps (optionally truncated) and ignores visibility unless asked, as SPEC §2.6.4 says.
-- `mme_trajectory_from_tracks` takes the project's tracks (B, T', G², 2) (one position per tubelet's first frame,
-  a grid queried once at frame 0) and gives the same 32-value target ("MME-track"): slot t's L steps are the
-  equal parts of p_{t+1} - p_t (the last slot repeats the previous one), points must be 2x2 per token.
-- Measured difference on the vectors' flow (bench/mme_trajectories.py, bench/results/mme_trajectories.json):
-  see that file; the README of the vectors gives 0.30 mean |dz| for an ideal sub-pixel tracker through the exact
-  recipe, which `tests/test_mme_vectors.py` reproduces with `mme_dump_from_tracks`.
+- `mme_trajectory_from_tracks` gives the same 32-value target ("MME-track") from the project's tracks: the
+  pipeline's (B, T', G², 2) (one grid queried at frame 0, a position per tubelet's first frame) or per-slot
+  windows (B, T', K+1, G², 2) re-queried at each slot's first frame (K = 1: two frames, L equal steps; K = L).
+- Measured on the vectors' closed-form flow with an IDEAL sub-pixel tracker (bench/mme_trajectories.py ->
+  bench/results/mme_trajectories.json; mean |dz| to the official target over valid, non-degenerate entries;
+  |z| <= 1.5, official mean |z| 0.77; two unrelated tokens differ by 0.94):
+  exact recipe 0.27 (0.17 with truncated steps; max 2.4), per-slot re-queried crop grid over MME's interval with
+  raw steps 0.41, with the two sampled frames only 0.45, the pipeline's single-query layout 0.94 = chance level
+  (its grid drifts 44 px over the clip on this 2.2 px/frame flow). So use per-slot queries; no tracker reproduces
+  the official target (SPEC §2.6.7: integer steps along Farneback flow are not the ground truth).
 """
 from __future__ import annotations
 
@@ -470,64 +474,88 @@ def mme_trajectory_from_tracks(tracks: Tensor, visibility: Tensor | None = None,
                                frame_size: tuple[int, int], traj_len: int = 4, upsample: int = 1,
                                use_visibility: bool = False, visibility_threshold: float = 0.5,
                                eps: float = 1e-6, bound: float = FLOW_BOUND) -> tuple[Tensor, Tensor]:
-    """MME's 32-value trajectory target from the project's tracks ("MME-track", SPEC §2.6 substitute).
+    """MME's 32-value trajectory target from the project's point tracks ("MME-track", SPEC §2.6 substitute).
 
-    tracks (B, T', G², 2): absolute (x, y) pixels of frame_size = (H, W) frames at the first frame of each tubelet,
-    one grid queried at frame 0, row-major (y outer); visibility (B, T', G²). G*upsample must be 2*tokens_side
-    (2x2 points per token, MME's layout); upsample > 1 interpolates the tracks bilinearly (align_corners=True, the
-    project's `kernels.motion.upsample_tracks`) and a new point is visible only if every raw point it mixes is.
-    Slot t's displacement D_t = p_{t+1} - p_t (the last slot repeats D_{T'-2}) is cut into L equal steps D_t / L,
-    clamped to +-bound, then divided by 20 and standardised over the token's 4 points per coordinate and step
-    (PatchStd, eps outside the sqrt), as `mme_trajectory_target`. Validity: a point is invalid if an intermediate
-    position p_t + k D_t / L (k = 1..L-1) has x < 0, x >= W, y < 0 or y >= H (MME's rule); use_visibility also
-    drops points not visible (>= threshold) at both ends of the slot. A token is valid when any of its 4 points is.
+    tracks, absolute (x, y) pixels of frame_size = (H, W) frames, a G x G grid row-major (y outer), in one of two
+    layouts:
+    - (B, T', G², 2), the pipeline's tracks: positions at each tubelet's first frame of ONE grid queried at frame 0.
+      Slot t's window is (p_t, p_{t+1}); the last slot repeats the previous displacement from p_{T'-1}.
+    - (B, T', K+1, G², 2), per-slot windows: slot t's grid queried anew at the slot's first frame (tracker queries
+      (t, x, y) allow it), positions at K+1 frames. K = 1: the slot's start and end (e.g. the tubelet's first and
+      second sampled frame, MME's interval); K = L: the L+1 raw frames of MME's recipe (true per-step shape).
+    visibility: the same shape without the last axis (used only with use_visibility). G*upsample must equal
+    2*tokens_side (MME's 2x2 points per token); upsample > 1 interpolates each frame bilinearly (align_corners=True,
+    as the project's `kernels.motion.upsample_tracks`), a new point being visible only if every raw point it mixes is.
+    Steps: K = 1 cuts the window's displacement D into L equal steps D / L; K = L takes d_k = p_{k+1} - p_k. Each is
+    clamped to +-bound, divided by 20 and standardised over the token's 4 points per coordinate and step (PatchStd,
+    eps outside the sqrt), as `mme_trajectory_target`. Validity: a point is invalid if one of its intermediate
+    positions (k = 1..L-1) has x < 0, x >= W, y < 0 or y >= H (MME's rule); use_visibility also drops points not
+    visible (>= threshold) at every frame of the window. A token is valid when any of its 4 points is.
     Returns target (B, N, 8L) float32 (index (c*L + k)*4 + q, q = 2a + b) and valid (B, N) bool, token
-    n = (t*h + hp)*h + wp. Differences from MME: one tubelet-long interval of the sampled clip instead of L raw
-    steps from the tubelet's first to its second frame, equal steps (no per-step shape), sub-pixel values, a grid
-    that moves with the scene instead of one re-queried per slot; the measured gap is in
+    n = (t*h + hp)*h + wp, h = tokens_side. Differences from MME: sub-pixel steps, the grid (cell centres of the
+    crop instead of MME's resampled original-resolution grid), for K = 1 equal steps, and for the (B, T', G², 2)
+    layout a tubelet-long interval and a grid that drifts with the scene; the measured gaps are in
     bench/results/mme_trajectories.json.
     """
     what = "mme_trajectory_from_tracks"
     L = _check_int(what, "traj_len", traj_len, 1)
     _check_int(what, "tokens_side", tokens_side, 1)
     _check_int(what, "upsample", upsample, 1)
-    if not isinstance(tracks, Tensor) or tracks.ndim != 4 or tracks.shape[-1] != 2 or not tracks.is_floating_point():
-        raise ValueError(f"{what}: tracks must be float (B, T', G*G, 2), got "
+    if not isinstance(tracks, Tensor) or tracks.ndim not in (4, 5) or tracks.shape[-1] != 2 \
+            or not tracks.is_floating_point():
+        raise ValueError(f"{what}: tracks must be float (B, T', G*G, 2) or (B, T', K+1, G*G, 2), got "
                          f"{tuple(tracks.shape) if isinstance(tracks, Tensor) else type(tracks).__name__}")
-    batch, slots, points, _ = tracks.shape
+    single = tracks.ndim == 4
+    batch, slots, points = tracks.shape[0], tracks.shape[1], tracks.shape[-2]
     grid = int(round(points ** 0.5))
-    if grid * grid != points or slots < 2:
-        raise ValueError(f"{what}: need T' >= 2 slots of a square G*G grid, got {tuple(tracks.shape)}")
+    if grid * grid != points:
+        raise ValueError(f"{what}: need a square G*G grid, got {points} points")
+    if single and slots < 2:
+        raise ValueError(f"{what}: the (B, T', G*G, 2) layout needs T' >= 2 slots, got {tuple(tracks.shape)}")
+    if not single and tracks.shape[2] not in (2, L + 1):
+        raise ValueError(f"{what}: windows must hold K+1 = 2 or L+1 = {L + 1} frames, got {tuple(tracks.shape)}")
     side = grid * upsample
     if side != 2 * tokens_side:
         raise ValueError(f"{what}: G*upsample = {grid}*{upsample} must equal 2*tokens_side = {2 * tokens_side} "
                          f"(MME uses 2x2 points per token)")
+    if use_visibility and (visibility is None or tuple(visibility.shape) != tuple(tracks.shape[:-1])):
+        raise ValueError(f"{what}: use_visibility needs visibility of shape {tuple(tracks.shape[:-1])}")
     height, width = (int(v) for v in frame_size)
-    need_vis = use_visibility
-    if need_vis and (visibility is None or tuple(visibility.shape) != (batch, slots, points)):
-        raise ValueError(f"{what}: use_visibility needs visibility (B, T', G*G) = {(batch, slots, points)}")
-    pos = tracks.float().reshape(batch, slots, grid, grid, 2)
-    vis = None
-    if need_vis:
-        vis = (visibility >= visibility_threshold).reshape(batch, slots, grid, grid)
+    vis = (visibility >= visibility_threshold) if use_visibility else None
+    if single:  # visible at both ends of the slot (the last slot: at its start)
+        vis = None if vis is None else torch.stack([vis, torch.cat([vis[:, 1:], vis[:, -1:]], dim=1)], dim=2)
+    frames = 2 if single else tracks.shape[2]
+    pos = tracks.float().reshape(batch, slots * (1 if single else frames), grid, grid, 2)
     if upsample > 1:
-        pos = F.interpolate(pos.permute(0, 4, 1, 2, 3), size=(slots, side, side), mode="trilinear",
+        pos = F.interpolate(pos.permute(0, 4, 1, 2, 3), size=(pos.shape[1], side, side), mode="trilinear",
                             align_corners=True).permute(0, 2, 3, 4, 1)
-        if vis is not None:
-            hidden = F.interpolate((~vis).float().unsqueeze(1), size=(slots, side, side), mode="trilinear",
+    if single:
+        start = pos  # (B, T', s, s, 2)
+        delta = pos[:, 1:] - pos[:, :-1]
+        delta = torch.cat([delta, delta[:, -1:]], dim=1)  # the last slot repeats the previous displacement
+    else:
+        pos = pos.reshape(batch, slots, frames, side, side, 2)
+        start, delta = pos[:, :, 0], pos[:, :, -1] - pos[:, :, 0]
+    if vis is not None:
+        vis = vis.reshape(batch, slots * frames, grid, grid)
+        if upsample > 1:
+            hidden = F.interpolate((~vis).float().unsqueeze(1), size=(slots * frames, side, side), mode="trilinear",
                                    align_corners=True).squeeze(1)
             vis = hidden <= 0
-    delta = pos[:, 1:] - pos[:, :-1]
-    delta = torch.cat([delta, delta[:, -1:]], dim=1)  # (B, T', s, s, 2)
-    frac = torch.arange(1, L, dtype=torch.float32, device=tracks.device).view(1, 1, L - 1, 1, 1, 1) / L
-    inner = pos.unsqueeze(2) + frac * delta.unsqueeze(2)  # (B, T', L-1, s, s, 2)
+        vis = vis.reshape(batch, slots, frames, side, side).all(dim=2)
+    if frames == 2:  # L equal steps; the displacement is used as is so that a rigid motion stays exactly rigid
+        frac = torch.arange(1, L, dtype=torch.float32, device=tracks.device).view(1, 1, L - 1, 1, 1, 1) / L
+        inner = start.unsqueeze(2) + frac * delta.unsqueeze(2)  # (B, T', L-1, s, s, 2)
+        steps = (delta / L).unsqueeze(2).expand(-1, -1, L, -1, -1, -1)
+    else:
+        inner = pos[:, :, 1:L]
+        steps = pos[:, :, 1:] - pos[:, :, :-1]  # (B, T', L, s, s, 2)
     inside = _inside(inner, height, width).all(dim=2)  # (B, T', s, s)
     if vis is not None:
-        ends = torch.cat([vis[:, 1:], vis[:, -1:]], dim=1)
-        inside &= vis & ends
+        inside &= vis
     h = tokens_side
-    step = (delta / L).clamp(-bound, bound) / TRAJ_SCALE  # (B, T', 2h, 2h, 2)
-    step = step.reshape(batch, slots, h, 2, h, 2, 2).permute(0, 1, 2, 4, 6, 3, 5).reshape(batch, slots * h * h, 2, 1, 4)
-    values = patch_std(step.expand(-1, -1, 2, L, 4).reshape(batch, slots * h * h, 2 * L, 4), eps)
+    steps = steps.clamp(-bound, bound) / TRAJ_SCALE
+    steps = steps.reshape(batch, slots, L, h, 2, h, 2, 2).permute(0, 1, 3, 5, 7, 2, 4, 6)  # (B,T',hp,wp,c,k,a,b)
+    values = patch_std(steps.reshape(batch, slots * h * h, 2 * L, 4), eps)
     valid = inside.reshape(batch, slots, h, 2, h, 2).permute(0, 1, 2, 4, 3, 5).reshape(batch, slots * h * h, 4)
     return values.reshape(batch, slots * h * h, 8 * L), valid.any(dim=-1)
