@@ -544,3 +544,38 @@ def test_farneback_flow_recovers_a_translation():
     assert np.abs(inner[..., 0] - 2).mean() < 0.1 and np.abs(inner[..., 1] + 1).mean() < 0.1
     with pytest.raises(ValueError, match="uint8"):
         mme.farneback_flow(rgb.astype(np.float32))
+
+
+@pytest.mark.gpu
+def test_cuda_per_step_functions_match_cpu_without_host_syncs(vec):
+    """The per-step path (HOG, trajectory target, tracker substitute, loss) on CUDA: same numbers as on CPU, and
+    no host sync once the cached constants exist (torch's sync debug mode raises on one)."""
+    cpu = dict(video=torch.from_numpy(vec["videos_norm"]), frames=torch.from_numpy(vec["frames_u8"]),
+               trajs=torch.from_numpy(vec["trajs_cropped"]),
+               tracks=torch.rand(2, 8, 64, 2, generator=torch.Generator().manual_seed(0)) * 60)
+
+    def step(x):
+        hog = mme.mme_hog_target(mme.mme_hog(x["video"]))
+        hog_u8 = mme.mme_hog_target(mme.mme_hog(x["frames"], layout="BTHWC"))
+        target, valid = mme.mme_trajectory_target(x["trajs"])
+        tracked, tracked_valid = mme.mme_trajectory_from_tracks(x["tracks"], tokens_side=4, frame_size=(64, 64))
+        loss = mme.mme_loss(target.tanh(), target, valid, hog.sigmoid(), hog)
+        return hog, hog_u8, target, valid, tracked, tracked_valid, loss.loss, loss.per_token
+
+    expected = step(cpu)
+    gpu = {k: v.cuda() for k, v in cpu.items()}
+    step(gpu)  # warm-up: builds the cached device constants
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = step(gpu)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    # HOG: CUDA's atan2 may put a pixel exactly on (or off) an integer phi where the CPU did not (P3: it then
+    # votes nothing), so the README's ambiguous entries are left out, and the loss gets a looser bound
+    clear = torch.from_numpy(~vec["hog_ambiguous"])
+    for a, b in zip(got[:2], expected[:2]):
+        torch.testing.assert_close(a.cpu()[clear], b[clear], rtol=1e-5, atol=1e-5)
+    for a, b in zip(got[2:6], expected[2:6]):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got[6].cpu(), expected[6], rtol=1e-3, atol=0)

@@ -145,3 +145,23 @@ def test_bad_inputs_raise_clear_errors():
         mr.motionmae_ref_target(torch.zeros(1, 4, 18, 16, 3, dtype=torch.uint8), patch=16)
     with pytest.raises(ValueError, match="shaped like their targets"):
         mr.motionmae_ref_loss(torch.zeros(1, 2, 8), torch.zeros(1, 2, 7), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8))
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu_without_host_syncs(vec):
+    frames = torch.from_numpy(vec["frames_u8"])
+    idx = torch.arange(128).view(1, 128).expand(2, 128)[:, ::3].contiguous()
+    expected = (mr.motionmae_ref_target(frames, idx), mr.motionmae_ref_appearance_target(frames, idx))
+    gpu_frames, gpu_idx = frames.cuda(), idx.cuda()
+    mr.motionmae_ref_target(gpu_frames, gpu_idx)  # warm-up: cached constants, kernel compilation
+    mr.motionmae_ref_appearance_target(gpu_frames, gpu_idx)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = (mr.motionmae_ref_target(gpu_frames, gpu_idx), mr.motionmae_ref_appearance_target(gpu_frames, gpu_idx))
+        loss = mr.motionmae_ref_loss(got[1] * 0.5, got[1], got[0] * 0.5, got[0])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=1e-4)
+    assert loss.per_token.shape == (2, idx.shape[1])

@@ -54,6 +54,7 @@ Point trackers instead of flow (SPEC §2.6):
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -297,6 +298,17 @@ def mme_trajectory_target(trajs: Tensor, *, traj_len: int = 4, eps: float = 1e-6
 # 6. HOG target
 
 
+@functools.lru_cache(maxsize=64)
+def _cached_constant(values: tuple, device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32).to(device)
+
+
+def device_constant(values, device: torch.device | str) -> Tensor:
+    """A float32 constant on `device`, built once per (values, device) and cached: building it anew every step would
+    copy host memory to the device (a host sync on CUDA). Do not modify the result in place."""
+    return _cached_constant(tuple(values), torch.device(device))
+
+
 def normalise_frames(frames_u8: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
                      std: tuple[float, ...] = IMAGENET_STD) -> Tensor:
     """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) float32 as the official data path makes it: u8 / 255, then
@@ -305,8 +317,8 @@ def normalise_frames(frames_u8: Tensor, mean: tuple[float, ...] = IMAGENET_MEAN,
         raise ValueError(f"normalise_frames: expected uint8 (B, T, H, W, 3), got {frames_u8.dtype} "
                          f"{tuple(frames_u8.shape)}")
     x = frames_u8.permute(0, 4, 1, 2, 3).float().div(255.0)
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(1, 3, 1, 1, 1)
+    m = device_constant(tuple(float(v) for v in mean), x.device).view(1, 3, 1, 1, 1)
+    s = device_constant(tuple(float(v) for v in std), x.device).view(1, 3, 1, 1, 1)
     return (x - m) / s
 
 
@@ -342,8 +354,8 @@ def mme_hog(video: Tensor, *, layout: str = "BCTHW", tubelet: int = 2,
     picked = video[:, :, tubelet // 2:: tubelet].float()  # (B, 3, T', H, W)
     slots = picked.shape[2]
     images = picked.permute(0, 2, 1, 3, 4).reshape(batch * slots * 3, 1, height, width)  # order (b, t, colour)
-    weight = torch.tensor((_SOBEL_X, _SOBEL_Y), dtype=torch.float32, device=video.device).unsqueeze(1)
-    bias = None if sobel_bias is None else torch.tensor(sobel_bias, dtype=torch.float32, device=video.device)
+    weight = device_constant((_SOBEL_X, _SOBEL_Y), video.device).unsqueeze(1)
+    bias = None if sobel_bias is None else device_constant(tuple(float(b) for b in sobel_bias), video.device)
     grad = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), weight, bias)  # (n, 2, H, W)
     mag = torch.linalg.vector_norm(grad, dim=1)
     phi = torch.atan2(grad[:, 1], grad[:, 0]) / math.pi * NBINS

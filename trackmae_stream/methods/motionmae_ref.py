@@ -29,6 +29,7 @@ from torch import Tensor
 
 from .. import kernels
 from ..constants import IMAGENET_MEAN, IMAGENET_STD
+from .mme import device_constant
 
 NAME = "motionmae_ref"
 LAYOUTS = ("BTHWC", "BCTHW")
@@ -49,8 +50,8 @@ def _unit_frames(video: Tensor, layout: str, mean: tuple[float, ...], std: tuple
     if not video.is_floating_point() or video.shape[1] != 3:
         raise ValueError(f"motionmae_ref: layout BCTHW expects a float (B, 3, T, H, W) ImageNet-normalised video, "
                          f"got {video.dtype} {tuple(video.shape)}")
-    m = torch.tensor(mean, dtype=torch.float32, device=video.device).view(1, 3, 1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=video.device).view(1, 3, 1, 1, 1)
+    m = device_constant(tuple(float(v) for v in mean), video.device).view(1, 3, 1, 1, 1)
+    s = device_constant(tuple(float(v) for v in std), video.device).view(1, 3, 1, 1, 1)
     return video.float() * s + m
 
 
