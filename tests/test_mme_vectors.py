@@ -579,3 +579,24 @@ def test_cuda_per_step_functions_match_cpu_without_host_syncs(vec):
     for a, b in zip(got[2:6], expected[2:6]):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got[6].cpu(), expected[6], rtol=1e-3, atol=0)
+
+
+def test_extract_video_end_to_end():
+    """Farneback -> byte storage -> decode -> integer tracking on a texture moving (+2.5, -1.5) px per frame: the
+    stored steps are trunc(decoded) = (2, -1) away from the borders, 2.5 px decoding to 2.431 and -1.5 to -1.490."""
+    pytest.importorskip("cv2")
+    yy, xx = np.mgrid[0:48, 0:64].astype(np.float64)
+
+    def texture(i):
+        x, y = xx - 2.5 * i, yy + 1.5 * i
+        v = 128 + 60 * np.sin(2 * np.pi * x / 17) * np.cos(2 * np.pi * y / 13) + 40 * np.sin(2 * np.pi * (x + y) / 23)
+        return np.clip(np.rint(v), 0, 255).astype(np.uint8)
+
+    frames = np.repeat(np.stack([texture(i) for i in range(7)])[..., None], 3, axis=-1)
+    disp, valid = mme.mme_extract_video(frames, traj_len=3)
+    assert disp.shape == (6, 3, 6, 8) and disp.dtype == torch.int8 and valid.shape == (3, 6, 8)
+    inner = disp[:, :, 1:-1, 1:-2]  # away from the borders (and from where the points leave on the right)
+    assert (inner[:3] == 2).float().mean() > 0.95 and (inner[3:] == -1).float().mean() > 0.95
+    np.testing.assert_allclose(mme.decode_flow_u8(mme.encode_flow_u8(np.array([2.5, -1.5]))), [2.4313726, -1.4901961],
+                               atol=1e-6)
+    assert bool(valid[:, 1:-1, :-2].all())

@@ -9,6 +9,7 @@ Pipeline (one clip = the 16 sampled frames f_i = s + 4 i of a video with n raw f
 1. `farneback_flow` (offline, CPU/OpenCV/numpy): dense flow between consecutive raw greyscale frames with the
    OpenCV CUDA Farneback defaults the official flow tool uses; `encode_flow_u8` / `decode_flow_u8` are its byte
    storage (bound 20). The official tool runs the CUDA implementation and stores lossy MPEG-4: a CPU run differs.
+   `mme_extract_video` chains steps 1 and 2 for one video (the per-video cache MME reads).
 2. `mme_track_flow`: integer grid tracking (SPEC T2): for every start frame s0 one grid point per 8x8 cell at
    (8j+4, 8i+4), L steps along the flow truncated toward zero -> `disp` (B, 2L, S, H//8, W//8) int8 (index c*L + k,
    c = 0 for x) and `valid` (B, S, H//8, W//8) uint8, S = n_flow - L start frames (the official dump).
@@ -173,6 +174,24 @@ def mme_track_flow(flow: Tensor, traj_len: int = 4, bound: float = FLOW_BOUND) -
     disp = disp.permute(0, 5, 1, 2, 3, 4).reshape(batch, 2 * L, starts, gh, gw)
     bound_i = int(bound)
     return disp.clamp(-bound_i, bound_i).to(torch.int8), valid.to(torch.uint8)
+
+
+def mme_extract_video(frames: np.ndarray, *, traj_len: int = 4, quantize: bool = True,
+                      bound: float = FLOW_BOUND, **farneback_params) -> tuple[Tensor, Tensor]:
+    """One video's trajectory dump, offline on CPU: what MME caches per video (its `*_{L}.gz`).
+
+    frames (n, H, W, 3) uint8 RGB (or (n, H, W) grey) raw frames at the original resolution and frame rate ->
+    `farneback_flow` -> (quantize: the tool's byte storage, `encode_flow_u8` then `decode_flow_u8`, without its lossy
+    MPEG-4 step) -> `mme_track_flow` on the DECODED flow (bug B1 fixed). Returns disp (2L, S, H//8, W//8) int8 and
+    valid (S, H//8, W//8) uint8 with S = n - 1 - L, the layouts `mme_loader_slice` takes (with a batch axis added).
+    Note the quantisation step 40/255 px before the truncation: e.g. a steady 2.0 px/frame motion decodes to
+    1.96 px and is stored as 1.
+    """
+    flow = farneback_flow(frames, **farneback_params)
+    if quantize:
+        flow = decode_flow_u8(encode_flow_u8(flow, bound), bound)
+    disp, valid = mme_track_flow(torch.from_numpy(np.ascontiguousarray(flow))[None], traj_len=traj_len, bound=bound)
+    return disp[0], valid[0]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
