@@ -189,6 +189,7 @@ def mme_extract_video(frames: np.ndarray, *, traj_len: int = 4, quantize: bool =
     """
     flow = farneback_flow(frames, **farneback_params)
     if quantize:
+        # B1 fixed (SPEC §2.7): the stored bytes are decoded to pixels before tracking; the release feeds 0..255
         flow = decode_flow_u8(encode_flow_u8(flow, bound), bound)
     disp, valid = mme_track_flow(torch.from_numpy(np.ascontiguousarray(flow))[None], traj_len=traj_len, bound=bound)
     return disp[0], valid[0]
@@ -374,6 +375,7 @@ def mme_hog(video: Tensor, *, layout: str = "BCTHW", tubelet: int = 2,
     slots = picked.shape[2]
     images = picked.permute(0, 2, 1, 3, 4).reshape(batch * slots * 3, 1, height, width)  # order (b, t, colour)
     weight = device_constant((_SOBEL_X, _SOBEL_Y), video.device).unsqueeze(1)
+    # B2 fixed (SPEC §2.7): no bias by default; the release's nn.Conv2d keeps a random one, redrawn every step
     bias = None if sobel_bias is None else device_constant(tuple(float(b) for b in sobel_bias), video.device)
     grad = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), weight, bias)  # (n, 2, H, W)
     mag = torch.linalg.vector_norm(grad, dim=1)
