@@ -330,6 +330,8 @@ def test_hog_brute_force_odd_sizes():
                                 (batch, 3, 9, 3, 3, 5)).reshape(batch, 27, 3, 3, 5)
     assert ambiguous.mean() < 0.2
     np.testing.assert_allclose(hog[~ambiguous], ref[~ambiguous], rtol=0, atol=1e-5)
+    chunked = mme.mme_hog(torch.from_numpy(video), chunk_pixels=3 * height * width + 1)  # 18 images in chunks of 3
+    assert torch.equal(chunked, torch.from_numpy(hog))
     # the token layout at p = 16 with odd token counts: cells (2hp + a, 2wp + b), channel-major
     video16 = rng.normal(0.0, 1.0, size=(1, 3, 2, 48, 80)).astype(np.float32)
     hog16 = mme.mme_hog(torch.from_numpy(video16))

@@ -347,7 +347,7 @@ _SOBEL_Y = ((1.0, 2.0, 1.0), (0.0, 0.0, 0.0), (-1.0, -2.0, -1.0))  # gy = top - 
 
 
 def mme_hog(video: Tensor, *, layout: str = "BCTHW", tubelet: int = 2,
-            sobel_bias: tuple[float, float] | None = None) -> Tensor:
+            sobel_bias: tuple[float, float] | None = None, chunk_pixels: int = 1 << 24) -> Tensor:
     """MME's HOG (SPEC H1-H3, the `base` variant; feat.py:566-609 and 646-657), in float32.
 
     video: "BCTHW" float (B, 3, T, H, W) ImageNet-normalised (the official input) or "BTHWC" uint8 (B, T, H, W, 3)
@@ -357,7 +357,8 @@ def mme_hog(video: Tensor, *, layout: str = "BCTHW", tubelet: int = 2,
     mag*(ceil - phi) and mag*(phi - floor) (so an exactly integer phi votes nothing: P3), then the mean over each
     8x8 cell. No block normalisation. sobel_bias: None = 0 (bug B2 FIXED: the official nn.Conv2d keeps a random
     default bias, redrawn every step); (bx, by) reproduces a given draw.
-    Returns (B, 3*9, T', H//8, W//8) float32, channel colour*9 + bin.
+    Returns (B, 3*9, T', H//8, W//8) float32, channel colour*9 + bin. The images are processed in chunks of about
+    chunk_pixels pixels (the same numbers; it bounds the temporaries, ~1 GB at the default).
     """
     what = "mme_hog"
     if layout == "BTHWC":
@@ -377,21 +378,28 @@ def mme_hog(video: Tensor, *, layout: str = "BCTHW", tubelet: int = 2,
     weight = device_constant((_SOBEL_X, _SOBEL_Y), video.device).unsqueeze(1)
     # B2 fixed (SPEC §2.7): no bias by default; the release's nn.Conv2d keeps a random one, redrawn every step
     bias = None if sobel_bias is None else device_constant(tuple(float(b) for b in sobel_bias), video.device)
+    # in chunks: the temporaries stay bounded at any batch size (B = 64 at 224 px is 1536 images)
+    chunk = max(1, _check_int(what, "chunk_pixels", chunk_pixels, 1) // (height * width))
+    hog = torch.cat([_hog_cells(images[i:i + chunk], weight, bias) for i in range(0, images.shape[0], chunk)])
+    hog = hog.reshape(batch, slots, 3, NBINS, height // CELL, width // CELL)
+    return hog.permute(0, 2, 3, 1, 4, 5).reshape(batch, 3 * NBINS, slots, height // CELL, width // CELL)
+
+
+def _hog_cells(images: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """(n, 1, H, W) float32 images -> (n, 9, H/8, W/8): SPEC H2-H3 in the official order of float32 operations."""
     grad = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="replicate"), weight, bias)  # (n, 2, H, W)
     mag = torch.linalg.vector_norm(grad, dim=1)
     phi = torch.atan2(grad[:, 1], grad[:, 0]) / math.pi * NBINS
     phi = torch.where(phi < 0, phi + NBINS, phi)
     lo, hi = phi.floor(), phi.ceil()
-    vote_lo, vote_hi = mag * (hi - phi), mag * (phi - lo)
-    lo_bin, hi_bin = lo.long() % NBINS, hi.long() % NBINS
-    zero = torch.zeros((), dtype=torch.float32, device=video.device)
+    vote_lo, vote_hi = mag * (hi - phi), mag * (phi - lo)  # both 0 where phi is an integer (P3)
+    lo_bin, hi_bin = lo.to(torch.int32) % NBINS, hi.to(torch.int32) % NBINS
+    zero = torch.zeros((), dtype=torch.float32, device=images.device)
     cells = []
     for k in range(NBINS):  # one bin map at a time: deterministic, and (n, H, W) memory instead of (n, 9, H, W)
         votes = torch.where(lo_bin == k, vote_lo, zero) + torch.where(hi_bin == k, vote_hi, zero)
         cells.append(F.avg_pool2d(votes.unsqueeze(1), CELL))
-    hog = torch.cat(cells, dim=1)  # (n, 9, H/8, W/8)
-    hog = hog.reshape(batch, slots, 3, NBINS, height // CELL, width // CELL)
-    return hog.permute(0, 2, 3, 1, 4, 5).reshape(batch, 3 * NBINS, slots, height // CELL, width // CELL)
+    return torch.cat(cells, dim=1)
 
 
 def mme_hog_target(video_hog: Tensor, *, patch: int = 16) -> Tensor:
