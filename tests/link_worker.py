@@ -5,7 +5,6 @@ A module of its own so that the spawned processes import only torch and the link
 from __future__ import annotations
 
 import time
-from dataclasses import fields
 
 import torch
 
@@ -25,24 +24,24 @@ def _schema() -> remote.BatchSchema:
     specs = (remote.TensorSpec("patches", (3, 5, 7), torch.bfloat16),
              remote.TensorSpec("visible_idx", (3, 5), torch.int64),
              remote.TensorSpec("masked_idx", (3, 11), torch.int64),
-             remote.TensorSpec("motion_target", (3, 11, 6), torch.float32),
-             remote.TensorSpec("motion_valid", (3, 11, 6), torch.bool))
+             remote.TensorSpec("target.track_motion", (3, 11, 6), torch.float32),
+             remote.TensorSpec("valid.track_motion", (3, 11, 6), torch.bool))
     return remote.BatchSchema(tensors=specs, samples=2, frames=remote.TensorSpec("frames_u8", (1, 4, 6, 5, 3),
                                                                                  torch.uint8))
 
 
 def _random_batch(k: int) -> TrainBatch:
-    """Random odd-shaped tensors (the same in both processes: seeded by k); spatial_target is None throughout,
+    """Random odd-shaped tensors (the same in both processes: seeded by k); one target with a validity,
     source_index in every other batch, the picture frames in batch 1 only."""
     g = torch.Generator().manual_seed(1000 + k)
     return TrainBatch(
         patches=torch.randn(3, 5, 7, generator=g).to(torch.bfloat16),
         visible_idx=torch.randint(0, 2 ** 40, (3, 5), generator=g),
         masked_idx=torch.randint(-9, 9, (3, 11), generator=g),
-        spatial_target=None, motion_target=torch.randn(3, 11, 6, generator=g),
+        targets={"track_motion": torch.randn(3, 11, 6, generator=g)},
         skipped=torch.randint(-1, 50, (2, 3), generator=g),
         source_index=torch.randint(0, 50, (2,), generator=g) if k % 2 == 0 else None,
-        motion_valid=torch.rand(3, 11, 6, generator=g) > 0.5,
+        valid={"track_motion": torch.rand(3, 11, 6, generator=g) > 0.5},
         frames_u8=torch.randint(0, 256, (1, 4, 6, 5, 3), generator=g, dtype=torch.uint8) if k == 1 else None)
 
 
@@ -68,8 +67,10 @@ def run(rank: int, port: int) -> None:
                 assert remote.header_word(item.header) == remote.Word.BATCH
                 remote._await(item.tensors_done, deadline)
                 got, expected = remote.unpack_batch(item, schema), _random_batch(item.k)
-                for f in fields(TrainBatch):
-                    assert same(getattr(got, f.name), getattr(expected, f.name)), (item.k, f.name)
+                got_items, expected_items = got.tensor_items(), expected.tensor_items()
+                assert got_items.keys() == expected_items.keys()
+                for name, value in expected_items.items():
+                    assert same(got_items[name], value), (item.k, name)
             remote._await(error_done, deadline)
             assert remote.header_word(error_header) == remote.Word.ERROR
             assert remote.header_text(error_header) == "a failure, ünïcode"

@@ -82,4 +82,70 @@ def test_unknown_keys_and_bad_types_are_rejected():
 
 def test_defaults_are_valid_dataclass():
     cfg = TrainConfig()
-    assert cfg.mask.ratio == 0.9 and cfg.target.upsample == 2
+    assert cfg.mask.ratio == 0.9 and cfg.target["track_motion"]["upsample"] == 2
+
+
+FORMER_TARGET_SECTION = {  # the `target` section of configs stored by checkpoints before targets were plug-ins
+    "spatial": "pixel", "normalize_pixels": True, "clip_model": "vit_base_patch16_clip_224.openai",
+    "clip_checkpoint": None, "motion": True, "upsample": 2, "displacement": "frame", "motion_norm": "patch",
+    "motion_weight": None, "drop_invisible": False, "visibility_threshold": 0.5,
+}
+
+
+def test_the_former_flat_target_layout_resolves_to_the_same_targets_and_run_identity():
+    from trackmae_stream.config import config_from_dict, to_dict
+    from trackmae_stream.run_folder import run_identity
+
+    new = load_config("default")
+    data = to_dict(new)
+    data["target"] = dict(FORMER_TARGET_SECTION)
+    old = config_from_dict(data)
+    assert old.target == new.target and run_identity(old) == run_identity(new)
+    assert list(new.target.enabled()) == ["pixel", "track_motion"]
+    clip = config_from_dict({**data, "target": {**FORMER_TARGET_SECTION, "spatial": "clip", "motion_norm": "none",
+                                                "drop_invisible": True}}, check=False)
+    assert list(clip.target.enabled()) == ["clip", "track_motion"]
+    assert clip.target["track_motion"]["weight"] == 0.25  # the paper's λ beside CLIP
+    assert clip.target["track_motion"]["norm"] == "none" and clip.target["track_motion"]["drop_invisible"]
+    none = load_config("default", ["target.motion=false", "mask.type=tube"])
+    assert list(none.target.enabled()) == ["pixel"]
+    # the resolved section round-trips through a saved config
+    assert config_from_dict(to_dict(clip), check=False).target == clip.target
+
+
+def test_target_section_overrides_add_drop_and_tune_targets():
+    cfg = load_config("default", ["target.pixel=false", "target.track_motion.weight=0.5",
+                                  "target.track_motion.head=mlp", "target.track_motion.head_hidden=7"])
+    assert list(cfg.target.enabled()) == ["track_motion"]
+    entry = cfg.target["track_motion"]
+    assert entry["weight"] == 0.5 and entry["head"] == "mlp" and entry["head_hidden"] == 7
+    assert entry["decoder"] == "track_motion" and entry["activation"] == "none"
+    again = load_config("default", ["target.pixel.normalize=false"])  # naming a target's option keeps it on
+    assert again.target["pixel"]["enabled"] and not again.target["pixel"]["normalize"]
+
+
+@pytest.mark.parametrize(("override", "key"), [
+    ("target.nonexistent={}", "target.nonexistent"),
+    ("target.pixel.normalise=true", "target.pixel.normalise"),
+    ("target.track_motion.upsample=0", "target.track_motion.upsample"),
+    ("target.track_motion.norm=bogus", "target.track_motion.norm"),
+    ("target.track_motion.weight=-1", "target.track_motion.weight"),
+    ("target.pixel.head=conv", "target.pixel.head"),
+    ("target.pixel.activation=relu", "target.pixel.activation"),
+    ("target.pixel.decoder=a-b", "target.pixel.decoder"),
+    ("target.pixel.enabled=maybe", "target.pixel.enabled"),
+    ("target.track_motion.visibility_threshold=2", "target.track_motion.visibility_threshold"),
+    ("target.spatial=pixels", "target.spatial"),
+    ("target.pixel=3", "target.pixel"),
+    ("mask.type=nonexistent", "mask.type"),
+    ("mask.options.nonexistent=1", "mask.options.nonexistent"),
+])
+def test_bad_target_and_mask_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as err:
+        load_config("default", [override])
+    assert key in str(err.value)
+
+
+def test_no_enabled_target_is_refused():
+    with pytest.raises(ConfigError, match="no target is enabled"):
+        load_config("default", ["target.pixel=false", "target.track_motion=false"])

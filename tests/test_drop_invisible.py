@@ -18,6 +18,7 @@ from trackmae_stream.engine import compute_losses
 from trackmae_stream.kernels import _triton as triton_support
 from trackmae_stream.kernels.masking import motion_bin_order_torch
 from trackmae_stream.pipeline import TrainBatch, build_batch_preparer
+from trackmae_stream.targets import TargetBuilder
 from trackmae_stream.tracking import PointTracker, TrackerOutput
 
 needs_triton = pytest.mark.skipif(not triton_support.HAS_TRITON, reason="triton does not import")
@@ -202,8 +203,14 @@ def motion_batch(targets: Tensor, valid: Tensor | None) -> TrainBatch:
     batch, tokens, _ = targets.shape
     idx = torch.arange(tokens).expand(batch, -1)
     return TrainBatch(patches=torch.zeros(batch, 0, 1), visible_idx=idx[:, :0], masked_idx=idx,
-                      spatial_target=None, motion_target=targets, skipped=None, source_index=None,
-                      motion_valid=valid)
+                      targets={"track_motion": targets}, skipped=None, source_index=None,
+                      valid={} if valid is None else {"track_motion": valid})
+
+
+def motion_losses(pred: Tensor, batch: TrainBatch, weight: float) -> dict[str, Tensor]:
+    """The trainer's losses of a run whose only target is track_motion, with loss weight `weight`."""
+    cfg = load_config("default", OVERRIDES + ["target.pixel=false", f"target.track_motion.weight={weight}"])
+    return compute_losses({"track_motion": pred}, batch, TargetBuilder(cfg))
 
 
 @pytest.mark.parametrize("norm", ["patch", "none"])
@@ -222,7 +229,7 @@ def test_an_occluded_jump_changes_neither_loss_nor_masks_with_the_option_on(norm
     jumped[:, 2:, point, 0] += 1000.0
     vis = torch.ones(batch, frames, grid * grid)
     vis[:, 2:, point] = 0.05
-    pred = {"motion": torch.randn(batch, frames * tokens_side ** 2, 32, generator=torch.Generator().manual_seed(1))}
+    pred = torch.randn(batch, frames * tokens_side ** 2, 32, generator=torch.Generator().manual_seed(1))
     kwargs = dict(tokens_side=tokens_side, upsample=2, norm=norm, backend="torch")
 
     def losses_and_stat(tracks: Tensor, drop: bool) -> tuple[dict[str, Tensor], Tensor]:
@@ -230,12 +237,12 @@ def test_an_occluded_jump_changes_neither_loss_nor_masks_with_the_option_on(norm
             targets, stat, valid = kernels.motion_targets_visible(tracks, vis, **kwargs)
         else:
             (targets, stat), valid = kernels.motion_targets(tracks, **kwargs), None
-        return compute_losses(pred, motion_batch(targets, valid), 1.0), stat
+        return motion_losses(pred, motion_batch(targets, valid), 1.0), stat
 
     high_bin = (tokens_side ** 2 + 1) // 2
     on_clean, stat_on_clean = losses_and_stat(clean, True)
     on_jumped, stat_on_jumped = losses_and_stat(jumped, True)
-    for key in ("loss", "loss_motion", "zero_motion"):
+    for key in ("loss", "loss_track_motion", "zero_track_motion"):
         assert torch.equal(on_clean[key], on_jumped[key]), key
     assert torch.equal(stat_on_clean, stat_on_jumped)  # hence the same bins and masks
     assert int(motion_bin_order_torch(stat_on_clean)[0, -1]) == token  # and the static token stays last
@@ -260,28 +267,28 @@ def test_masked_loss_is_the_mean_over_valid_values():
     valid = torch.rand(3, 7, 8, generator=gen) < 0.6
     targets = torch.where(valid, targets, 0.0)
     pred = torch.randn(3, 7, 8, generator=gen, requires_grad=True)
-    losses = compute_losses({"motion": pred}, motion_batch(targets, valid), 0.5)
+    losses = motion_losses(pred, motion_batch(targets, valid), 0.5)
     error = total = zero = 0.0
     for index in itertools.product(range(3), range(7), range(8)):
         if valid[index]:
             error += (float(pred[index].detach()) - float(targets[index])) ** 2
             zero += float(targets[index]) ** 2
             total += 1
-    values = {key: float(value.detach()) for key, value in losses.items()}
-    assert abs(values["loss_motion"] - error / total) < 1e-5
-    assert abs(values["zero_motion"] - zero / total) < 1e-5
+    values = {key: float(value.detach()) for key, value in losses.items() if value.dim() == 0}
+    assert abs(values["loss_track_motion"] - error / total) < 1e-5
+    assert abs(values["zero_track_motion"] - zero / total) < 1e-5
     assert abs(values["loss"] - 0.5 * error / total) < 1e-5
     losses["loss"].backward()
     assert bool((pred.grad[~valid] == 0).all()) and bool((pred.grad[valid] != 0).all())
 
     # all valid: the plain MSE; none valid: 0 and a zero gradient, not 0 / 0
-    full = compute_losses({"motion": pred}, motion_batch(targets, torch.ones_like(valid)), 1.0)
-    plain = compute_losses({"motion": pred}, motion_batch(targets, None), 1.0)
+    full = motion_losses(pred, motion_batch(targets, torch.ones_like(valid)), 1.0)
+    plain = motion_losses(pred, motion_batch(targets, None), 1.0)
     torch.testing.assert_close(full["loss"], plain["loss"], rtol=1e-6, atol=0)
-    torch.testing.assert_close(full["zero_motion"], plain["zero_motion"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(full["zero_track_motion"], plain["zero_track_motion"], rtol=1e-6, atol=0)
     pred.grad = None
-    empty = compute_losses({"motion": pred}, motion_batch(targets, torch.zeros_like(valid)), 1.0)
-    assert float(empty["loss"].detach()) == 0.0 and float(empty["zero_motion"]) == 0.0
+    empty = motion_losses(pred, motion_batch(targets, torch.zeros_like(valid)), 1.0)
+    assert float(empty["loss"].detach()) == 0.0 and float(empty["zero_track_motion"]) == 0.0
     empty["loss"].backward()
     assert bool((pred.grad == 0).all())
 
@@ -322,33 +329,35 @@ def test_batch_preparer_masks_and_weights_follow_the_visibility():
 
     preparers = {}
     for drop in (True, False):
-        preparer = build_batch_preparer(load_config("default", OVERRIDES + [f"target.drop_invisible={drop}"]),
-                                        device)
+        cfg = load_config("default", OVERRIDES + [f"target.track_motion.drop_invisible={drop}"])
+        preparer = build_batch_preparer(cfg, device)
         preparer.tracker = ScriptedTracker(tracks, vis)
         preparers[drop] = preparer
     on, off = preparers[True](host, 2), preparers[False](host, 2)
-    assert off.motion_valid is None
-    assert on.motion_valid.dtype == torch.bool and on.motion_valid.shape == on.motion_target.shape
+    assert off.valid == {}
+    on_valid, on_target = on.valid["track_motion"], on.targets["track_motion"]
+    assert on_valid.dtype == torch.bool and on_valid.shape == on_target.shape
 
     targets, stat, valid = kernels.motion_targets_visible(tracks, vis, tokens_side=4, upsample=2)
     assert float(stat[0, point]) == 0.0 and int(motion_bin_order_torch(stat)[0, -1]) == point
     expected_mask = preparers[True].masks(2, 3, device, token_stat=stat)
     assert torch.equal(on.visible_idx, expected_mask.visible_idx)
     assert torch.equal(on.masked_idx, expected_mask.masked_idx)
-    assert torch.equal(on.motion_valid, kernels.gather_tokens(valid, on.masked_idx, backend="torch"))
-    assert torch.equal(on.motion_target, kernels.gather_tokens(targets, on.masked_idx))
-    assert bool((on.motion_target[~on.motion_valid] == 0).all())
+    assert torch.equal(on_valid, kernels.gather_tokens(valid, on.masked_idx, backend="torch"))
+    assert torch.equal(on_target, kernels.gather_tokens(targets, on.masked_idx))
+    assert bool((on_target[~on_valid] == 0).all())
     # the occluded token: no valid value in any slot it is masked in; a masked token of a visible clip: all valid
     slots = on.masked_idx[0] % 16 == point
-    assert bool(slots.any()) and not bool(on.motion_valid[0, slots].any())
-    assert bool(on.motion_valid[1:].all())
+    assert bool(slots.any()) and not bool(on_valid[0, slots].any())
+    assert bool(on_valid[1:].all())
     # the visible clips are prepared exactly as without the option
     assert torch.equal(on.masked_idx[1:], off.masked_idx[1:])
-    assert torch.equal(on.motion_target[1:], off.motion_target[1:])
-    assert torch.equal(on.patches[1:], off.patches[1:]) and torch.equal(on.spatial_target[1:], off.spatial_target[1:])
+    assert torch.equal(on_target[1:], off.targets["track_motion"][1:])
+    assert torch.equal(on.patches[1:], off.patches[1:])
+    assert torch.equal(on.targets["pixel"][1:], off.targets["pixel"][1:])
     # the stat-only path (no motion target) draws the same masks from the same visible-only statistic
-    stat_only = build_batch_preparer(load_config("default", OVERRIDES + ["target.drop_invisible=true",
-                                                                         "target.motion=false"]), device)
+    stat_only = build_batch_preparer(load_config("default", OVERRIDES + [
+        "target.track_motion.drop_invisible=true", "target.track_motion.enabled=false"]), device)
     stat_only.tracker = ScriptedTracker(tracks, vis)
     alone = stat_only(host, 2)
-    assert alone.motion_valid is None and torch.equal(alone.visible_idx, on.visible_idx)
+    assert alone.valid == {} and torch.equal(alone.visible_idx, on.visible_idx)

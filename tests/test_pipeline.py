@@ -31,8 +31,10 @@ def host_batches(count: int, seed: int = 0) -> list[dict]:
 
 
 def assert_batches_equal(a, b) -> None:
-    for name in ("patches", "visible_idx", "masked_idx", "spatial_target", "motion_target"):
-        x, y = getattr(a, name), getattr(b, name)
+    items_a, items_b = a.tensor_items(), b.tensor_items()
+    assert items_a.keys() == items_b.keys()
+    for name in ("patches", "visible_idx", "masked_idx", "target.pixel", "target.track_motion"):
+        x, y = items_a[name], items_b[name]
         assert torch.equal(x.cpu(), y.cpu()), name
 
 
@@ -50,7 +52,7 @@ def test_prefetched_batches_equal_direct_preparation_and_masks_follow_the_step()
     assert torch.equal(preparer(batches[0], 7).visible_idx, prefetched[0].visible_idx)
     first = prefetched[0]
     assert first.patches.shape == (3, first.visible_idx.shape[1], 3 * 2 * 16 * 16)
-    assert first.motion_target.shape == (3, first.masked_idx.shape[1], 8)
+    assert first.targets["track_motion"].shape == (3, first.masked_idx.shape[1], 8)
 
 
 def test_explicit_prefetch_gives_the_same_batches_and_repeated_calls_skip_nothing():
@@ -92,15 +94,20 @@ def test_a_failed_preparation_never_hands_out_a_stale_batch():
 
 
 def test_masking_without_the_motion_target_draws_the_same_motion_aware_masks():
-    """target.motion=false still tracks for the binning statistic (the stat-only path) and masks the same tokens."""
+    """target.track_motion=false still tracks for the binning statistic (the stat-only path: a provider that is not a
+    target) and masks the same tokens; the former key target.motion=false means the same."""
     device = torch.device("cpu")
     batch = host_batches(1, seed=4)[0]
     with_target = make_preparer(device)(batch, 3)
-    without = make_preparer(device, ["target.motion=false"])(batch, 3)
-    assert without.motion_target is None and with_target.motion_target is not None
+    without_preparer = make_preparer(device, ["target.track_motion=false"])
+    without = without_preparer(batch, 3)
+    assert "track_motion" not in without.targets and "track_motion" in with_target.targets
+    assert list(without_preparer.targets.providers) == ["motion_stat"]
+    former = make_preparer(device, ["target.motion=false"])(batch, 3)
+    assert torch.equal(former.visible_idx, with_target.visible_idx)
     assert torch.equal(without.visible_idx, with_target.visible_idx)
     assert torch.equal(without.masked_idx, with_target.masked_idx)
-    tube = make_preparer(device, ["target.motion=false", "mask.type=tube"])
+    tube = make_preparer(device, ["target.track_motion=false", "mask.type=tube"])
     assert tube.tracker is None  # nothing needs tracks then
 
 
@@ -112,7 +119,7 @@ def test_drop_invisible_with_lucas_kanade_carries_the_validity_of_the_masked_mot
 
     device = torch.device("cpu")
     batch = host_batches(1, seed=4)[0]
-    preparer = make_preparer(device, ["target.drop_invisible=true"])
+    preparer = make_preparer(device, ["target.track_motion.drop_invisible=true"])
     got = preparer(batch, 3)
     tracked = preparer.track(batch["frames"])
     assert bool((tracked.visibility < 0.5).any())  # LK loses points on these wrapped textures: something to drop
@@ -120,21 +127,23 @@ def test_drop_invisible_with_lucas_kanade_carries_the_validity_of_the_masked_mot
                                                           upsample=2)
     expected = preparer.masks(3, 3, device, token_stat=stat)
     assert torch.equal(got.visible_idx, expected.visible_idx) and torch.equal(got.masked_idx, expected.masked_idx)
-    assert got.motion_valid.dtype == torch.bool and got.motion_valid.shape == got.motion_target.shape
-    assert torch.equal(got.motion_valid, valid.gather(1, got.masked_idx[..., None].expand(-1, -1, 8)))
-    assert torch.equal(got.motion_target, targets.gather(1, got.masked_idx[..., None].expand(-1, -1, 8)))
-    assert bool((got.motion_target[~got.motion_valid] == 0).all()) and not bool(got.motion_valid.all())
-    assert make_preparer(device)(batch, 3).motion_valid is None  # off: the official definition
-    stat_only = make_preparer(device, ["target.drop_invisible=true", "target.motion=false"])(batch, 3)
-    assert stat_only.motion_valid is None and torch.equal(stat_only.visible_idx, got.visible_idx)
+    motion_valid, motion_target = got.valid["track_motion"], got.targets["track_motion"]
+    assert motion_valid.dtype == torch.bool and motion_valid.shape == motion_target.shape
+    assert torch.equal(motion_valid, valid.gather(1, got.masked_idx[..., None].expand(-1, -1, 8)))
+    assert torch.equal(motion_target, targets.gather(1, got.masked_idx[..., None].expand(-1, -1, 8)))
+    assert bool((motion_target[~motion_valid] == 0).all()) and not bool(motion_valid.all())
+    assert make_preparer(device)(batch, 3).valid == {}  # off: the official definition
+    stat_only = make_preparer(device, ["target.track_motion.drop_invisible=true",
+                                       "target.track_motion.enabled=false"])(batch, 3)
+    assert stat_only.valid == {} and torch.equal(stat_only.visible_idx, got.visible_idx)
     handed = next(StreamingPrefetcher([batch], preparer, start_step=3, timer=IntervalTimer()))
-    assert torch.equal(handed.motion_valid, got.motion_valid)
+    assert torch.equal(handed.valid["track_motion"], motion_valid)
 
 
 @pytest.mark.gpu
 def test_drop_invisible_overlapped_equals_serial_and_hands_over_the_validity_on_cuda():
     device = torch.device("cuda")
-    preparer = make_preparer(device, ["target.drop_invisible=true"])
+    preparer = make_preparer(device, ["target.track_motion.drop_invisible=true"])
     batches = [{k: (v.pin_memory() if k == "frames" else v) for k, v in b.items()} for b in host_batches(3)]
     serial = list(StreamingPrefetcher(batches, preparer, start_step=0, timer=IntervalTimer()))
     overlapped = list(StreamingPrefetcher(batches, preparer, start_step=0, timer=IntervalTimer(),
@@ -142,8 +151,8 @@ def test_drop_invisible_overlapped_equals_serial_and_hands_over_the_validity_on_
     torch.cuda.synchronize()
     for a, b in zip(serial, overlapped):
         assert_batches_equal(a, b)
-        assert torch.equal(a.motion_valid.cpu(), b.motion_valid.cpu())
-        assert any(t is b.motion_valid for t in b.device_tensors())  # record_stream covers it
+        assert torch.equal(a.valid["track_motion"].cpu(), b.valid["track_motion"].cpu())
+        assert any(t is b.valid["track_motion"] for t in b.device_tensors())  # record_stream covers it
     preparer(batches[0], 0)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -205,7 +214,7 @@ def test_training_step_never_syncs_the_host(tmp_path):
     trainer = Trainer(cfg)
     try:
         trainer.data.set_position(0, 0)
-        state = _IntervalState(trainer.device, ["spatial", "motion"])
+        state = _IntervalState(trainer.device, trainer.targets.names)
         batches = StreamingPrefetcher(trainer.data.loader, trainer.preparer, start_step=0, timer=state.timer,
                                       stream=trainer.side_stream)
         trainer._train_step(batches, state)  # warm-up: caches, cuBLAS handles, optimizer state

@@ -70,7 +70,7 @@ def test_default_trains_loss_falls_and_leaves_checkpoint(synthetic, tmp_path):
     picture = cv2.imread(str(summary.run_dir / "pictures" / "step_0000024.png"))
     assert picture is not None and picture.shape[0] > 4 * 64 and picture.std() > 10
     # the log says whether the model beat predicting zeros, per target
-    assert all(0 < r["rel_spatial"] and 0 < r["rel_motion"] for r in records if "loss" in r)
+    assert all(0 < r["rel_pixel"] and 0 < r["rel_track_motion"] for r in records if "loss" in r)
 
     # export for VideoMAE's fine-tuning code and load it back: same encoder and pixel decoder outputs
     out = tmp_path / "videomae.pth"
@@ -80,14 +80,14 @@ def test_default_trains_loss_falls_and_leaves_checkpoint(synthetic, tmp_path):
     model = build_model(cfg, TargetBuilder(cfg))
     reference = build_model(cfg, TargetBuilder(cfg))
     reference.load_state_dict(state["model"])
-    load_model_state(model, exported, allow_missing_prefixes=("motion_",))
+    load_model_state(model, exported, allow_missing_prefixes=("decoders.track_motion.", "heads.track_motion."))
     gen = torch.Generator().manual_seed(0)
     n = model.shape.num_tokens
     vis = torch.randperm(n, generator=gen)[:8].sort().values[None]
     msk = torch.tensor(sorted(set(range(n)) - set(vis[0].tolist())))[None]
     patches = torch.randn(1, 8, model.shape.patch_dim, generator=gen)
     with torch.no_grad():
-        torch.testing.assert_close(model(patches, vis, msk)["spatial"], reference(patches, vis, msk)["spatial"],
+        torch.testing.assert_close(model(patches, vis, msk)["pixel"], reference(patches, vis, msk)["pixel"],
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -165,7 +165,7 @@ def test_nonfinite_loss_or_gradient_stops_naming_the_step(synthetic, tmp_path, m
     def poisoned(pred, batch, lam):
         calls["n"] += 1
         if calls["n"] == 3 and poison == "gradient":  # the third optimizer step
-            pred["motion"].register_hook(lambda grad: grad * float("nan"))
+            pred["track_motion"].register_hook(lambda grad: grad * float("nan"))
         losses = real(pred, batch, lam)
         if calls["n"] == 3 and poison == "loss":
             losses["loss"] = losses["loss"] * float("nan")
@@ -217,8 +217,8 @@ def test_trains_with_cotracker3_checkpoint_and_clip_target(synthetic, tmp_path):
     records = read_log(summary.run_dir)
     assert records[0]["tracker"] == "cotracker3-offline"
     (logged,) = [r for r in records if "loss" in r]
-    assert logged["loss"] == pytest.approx(logged["loss_spatial"] + 0.25 * logged["loss_motion"], rel=1e-6)
-    assert load_checkpoint(summary.last_checkpoint)["model"]["decoder.head.weight"].shape[0] == 192
+    assert logged["loss"] == pytest.approx(logged["loss_clip"] + 0.25 * logged["loss_track_motion"], rel=1e-6)
+    assert load_checkpoint(summary.last_checkpoint)["model"]["heads.clip.weight"].shape[0] == 192
 
 
 def test_linear_probe_of_a_trained_checkpoint(tmp_path, capsys):

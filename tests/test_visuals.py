@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from trackmae_stream import kernels
-from trackmae_stream.config import TrainConfig
 from trackmae_stream.visuals import (
     GAP,
     LABEL_WIDTH,
@@ -179,18 +178,21 @@ def test_motion_values_outside_the_loss_are_not_drawn(batch):
 
 
 def test_render_batch_reads_the_config(batch):
-    cfg = TrainConfig()
-    cfg.model.tubelet_size, cfg.model.patch_size, cfg.target.normalize_pixels = KT, P, False
+    from trackmae_stream.config import load_config
+
+    cfg = load_config("default", [f"model.tubelet_size={KT}", f"model.patch_size={P}", "target.pixel.normalize=false"],
+                      check=False)
     target = kernels.pixel_targets(batch.frames, batch.masked_idx, tubelet=KT, patch=P, layout="BTHWC",
                                    normalize=False, backend="torch")
-    step = SimpleNamespace(masked_idx=batch.masked_idx, motion_target=batch.motion_target)
-    pred = {"spatial": target, "motion": batch.motion_target}
+    step = SimpleNamespace(masked_idx=batch.masked_idx, targets={"track_motion": batch.motion_target}, valid={})
+    pred = {"pixel": target, "track_motion": batch.motion_target}
     expected = render_clip(batch.frames, batch.masked_idx, tubelet=KT, patch=P, pred_spatial=target,
                            motion_target=batch.motion_target, pred_motion=batch.motion_target,
                            normalize_pixels=False, clip=1)
     np.testing.assert_array_equal(render_batch(cfg, batch.frames, step, pred, clip=1), expected)
-    cfg.target.spatial = "clip"  # features, not pixels: no reconstruction row
-    pred["spatial"] = torch.zeros(B, M, 7)
+    cfg = load_config("default", [f"model.tubelet_size={KT}", f"model.patch_size={P}", "target.spatial=clip"],
+                      check=False)  # features, not pixels: no reconstruction row
+    pred = {"clip": torch.zeros(B, M, 7), "track_motion": batch.motion_target}
     assert render_batch(cfg, batch.frames, step, pred).shape[0] == 4 * H + 3 * GAP
 
 

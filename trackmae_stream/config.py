@@ -83,28 +83,146 @@ class TrackerConfig:
     tracking_ranks: int = 1  # placement=ranks: how many of the world's ranks track (the last ones)
 
 
-@dataclass
-class TargetConfig:
-    spatial: str = "pixel"  # "pixel" (VideoMAE per-patch normalised) | "clip" (CLIP ViT features) | "none"
-    normalize_pixels: bool = True
-    clip_model: str = "vit_base_patch16_clip_224.openai"
-    clip_checkpoint: str | None = None  # local weights; None downloads through timm's hub when the network allows
-    motion: bool = True
-    upsample: int = 2  # υ: 14 -> 28 query grid, 2x2 points per token
-    displacement: str = "frame"  # "frame" (public) | "first" (cumulative from the first frame)
-    motion_norm: str = "patch"  # "patch" (public) | "none" | "patch_safe"
-    motion_weight: float | None = None  # λ; None = 1.0 with pixels, 0.25 with CLIP (the paper's values)
-    # Drop points the tracker marks invisible (visibility < visibility_threshold at either end of a step) from the
-    # motion target's loss and the binning statistic. Off: the public code trains on every point, occluded or not.
-    drop_invisible: bool = False
-    visibility_threshold: float = 0.5
+class TargetSet(dict):
+    """The `target` section: target name -> its resolved options (`enabled`, `weight`, `type`, `decoder`, `head`,
+    `head_hidden`, `activation` and the target's own; `trackmae_stream.targets`), in decoder order.
+
+    Written in YAML or as overrides like any section (`target.track_motion.weight=0.5`, `target.pixel=false` to drop
+    a default target, `target.mme_hog={}` to add one). The default set is TrackMAE's: `pixel` and `track_motion`.
+    The keys of the former flat layout (`target.spatial`, `target.motion`, `target.motion_weight`, ...) are read as
+    aliases of the new ones, so old presets and the configs stored in old checkpoints still load."""
+
+    def enabled(self) -> dict[str, dict[str, Any]]:
+        """The targets that train (name -> options), in order."""
+        return {name: entry for name, entry in self.items() if entry["enabled"]}
+
+    @property
+    def spatial(self) -> str:
+        """Read-only alias of the former `target.spatial` for code not yet moved to the target set: "clip" when a
+        CLIP target trains, else "pixel" when a pixel one does, else "none". New code reads `enabled()`."""
+        on = self.enabled()
+        return "clip" if "clip" in on else "pixel" if "pixel" in on else "none"
+
+
+DEFAULT_TARGETS: dict[str, Any] = {"pixel": {}, "clip": False, "track_motion": {}}
+# former flat keys -> (target, option); `spatial` is handled on its own
+LEGACY_TARGET_KEYS: dict[str, tuple[str, str]] = {
+    "normalize_pixels": ("pixel", "normalize"),
+    "clip_model": ("clip", "model"),
+    "clip_checkpoint": ("clip", "checkpoint"),
+    "motion": ("track_motion", "enabled"),
+    "upsample": ("track_motion", "upsample"),
+    "displacement": ("track_motion", "displacement"),
+    "motion_norm": ("track_motion", "norm"),
+    "motion_weight": ("track_motion", "weight"),
+    "drop_invisible": ("track_motion", "drop_invisible"),
+    "visibility_threshold": ("track_motion", "visibility_threshold"),
+}
+
+
+def _entry_dict(key: str, value: Any) -> dict[str, Any]:
+    if value is None or value is False:
+        return {"enabled": False}
+    if value is True:
+        return {"enabled": True}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r}: expected a mapping of the target's options, true or false")
+    return dict(value)
+
+
+def normalise_target_section(given: Any) -> Any:
+    """The former flat keys of one `target` mapping (a preset file, an override set, a stored config) rewritten as
+    entries of the new layout, so that merging presets and overrides keeps their precedence. An option given through
+    a former key does not switch its target on (`target.upsample=2` leaves a disabled motion target disabled)."""
+    if not isinstance(given, dict) or not any(k in LEGACY_TARGET_KEYS or k == "spatial" for k in given):
+        return given
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        if key == "spatial":
+            if value not in ("pixel", "clip", "none"):
+                _fail("target.spatial", value, "expected one of ('pixel', 'clip', 'none')")
+            for name in ("pixel", "clip"):
+                out.setdefault(name, {})["enabled"] = value == name
+        elif key in LEGACY_TARGET_KEYS:
+            name, option = LEGACY_TARGET_KEYS[key]
+            entry = out.setdefault(name, {})
+            entry[option] = value
+            if option != "enabled":
+                entry.setdefault(_ALIAS, True)
+        else:
+            out[key] = _merge(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) \
+                else value
+    return out
+
+
+_ALIAS = "__alias__"
+
+
+def resolve_targets(given: dict[str, Any] | None) -> TargetSet:
+    """The default target set updated by `given` (new or former layout), every option filled and checked; raises
+    ConfigError naming the key (`target.<name>.<option>`). Naming a target enables it unless `enabled: false`."""
+    from . import targets as registry  # registers the built-in targets
+
+    if given is not None and not isinstance(given, dict):
+        raise ConfigError(f"target={given!r}: a section; give its targets (e.g. target.pixel.normalize=false)")
+    given = normalise_target_section(given or {})
+    entries = {name: _entry_dict(f"target.{name}", v) for name, v in DEFAULT_TARGETS.items()}
+    for name, value in given.items():
+        update = _entry_dict(f"target.{name}", value)
+        if update.pop(_ALIAS, False) and name in entries:  # options through former keys: keep the on/off state
+            entries[name] = {**entries[name], **update}
+        else:
+            entries[name] = {**entries.get(name, {}), "enabled": True, **update}
+    resolved: dict[str, dict[str, Any]] = {}
+    classes = {}
+    for name, entry in entries.items():
+        key = f"target.{name}"
+        entry = dict(entry)
+        kind = entry.pop("type", name)
+        if kind not in registry.TARGETS:
+            _fail(key if kind == name else f"{key}.type", kind,
+                  f"unknown target; registered: {sorted(registry.TARGETS)}")
+        cls = registry.TARGETS[kind]
+        common = {k: entry.pop(k, v) for k, v in registry.COMMON_KEYS.items()}
+        options = _apply(cls.Options(), entry, f"{key}.")  # unknown keys and wrong types fail naming the key
+        cls.check_options(options, key, _fail)
+        enabled = _coerce(f"{key}.enabled", common["enabled"], bool)
+        head = common["head"] if common["head"] is not None else cls.default_head
+        if head not in registry.HEADS:
+            _fail(f"{key}.head", head, f"expected one of {registry.HEADS}")
+        activation = common["activation"] if common["activation"] is not None else cls.default_activation
+        if activation not in registry.ACTIVATIONS:
+            _fail(f"{key}.activation", activation, f"expected one of {registry.ACTIVATIONS}")
+        hidden = _coerce(f"{key}.head_hidden", common["head_hidden"], int)
+        if hidden < 1:
+            _fail(f"{key}.head_hidden", hidden, "must be >= 1")
+        decoder = common["decoder"] if common["decoder"] is not None else (cls.default_decoder or name)
+        if not isinstance(decoder, str) or not decoder.isidentifier():
+            _fail(f"{key}.decoder", decoder, "must be a name (letters, digits, underscores)")
+        weight = common["weight"]
+        if weight is not None:
+            weight = _coerce(f"{key}.weight", weight, float)
+            if weight < 0:
+                _fail(f"{key}.weight", weight, "must be >= 0")
+        classes[name] = (cls, options)
+        resolved[name] = {"type": kind, "enabled": enabled, "weight": weight, "decoder": decoder, "head": head,
+                          "head_hidden": hidden, "activation": activation, **registry.options_dict(options)}
+    enabled_set = {n: e for n, e in resolved.items() if e["enabled"]}
+    if not enabled_set:
+        _fail("target", sorted(resolved), "no target is enabled (at least one must train)")
+    for name, entry in resolved.items():
+        if entry["weight"] is None:
+            cls, options = classes[name]
+            entry["weight"] = float(cls.resolve_weight(options, enabled_set))
+    return TargetSet(resolved)
 
 
 @dataclass
 class MaskConfig:
-    type: str = "motion"  # "motion" (motion-aware tubes) | "tube" (VideoMAE random tubes)
+    type: str = "motion"  # a registered mask policy: "motion" (TrackMAE) | "tube" (VideoMAE) | learned ones
     ratio: float = 0.9  # VideoMAE's 0.9; the public TrackMAE script uses 0.8
-    rho: float = 0.5  # share of visible tubes drawn from the high-motion bin (paper default)
+    rho: float = 0.5  # share of visible tubes drawn from the high-motion bin (paper default; type=motion)
+    options: dict[str, Any] = field(default_factory=dict)  # the policy's own options (`trackmae_stream.masking`)
 
 
 @dataclass
@@ -144,7 +262,7 @@ class OptimConfig:
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
-    target: TargetConfig = field(default_factory=TargetConfig)
+    target: TargetSet = field(default_factory=lambda: resolve_targets(None))
     mask: MaskConfig = field(default_factory=MaskConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -186,10 +304,6 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "tracker.resolution": ("official", "native"),
     "tracker.precision": ("fp32", "bf16"),
     "tracker.placement": ("inline", "store", "ranks"),
-    "target.spatial": ("pixel", "clip", "none"),
-    "target.displacement": ("frame", "first"),
-    "target.motion_norm": ("patch", "none", "patch_safe"),
-    "mask.type": ("motion", "tube"),
     "model.arch": tuple(ARCHS),
     "model.attention": ("auto", "xformers", "sdpa"),
     "device": ("auto", "cuda", "cpu"),
@@ -209,10 +323,37 @@ def resolve_model(cfg: ModelConfig) -> ModelConfig:
     return dataclasses.replace(cfg, **values)
 
 
-def motion_weight(cfg: TargetConfig) -> float:
-    if cfg.motion_weight is not None:
-        return cfg.motion_weight
-    return 0.25 if cfg.spatial == "clip" else 1.0
+def target_weights(cfg: TrainConfig) -> dict[str, float]:
+    """Loss weight of every enabled target."""
+    return {name: entry["weight"] for name, entry in cfg.target.enabled().items()}
+
+
+def needs_tracks(cfg: TrainConfig) -> bool:
+    """Whether a run tracks its clips: an enabled target needs tracks, or the mask policy needs a side output that
+    only a tracking target makes (the motion statistic)."""
+    from . import masking, targets
+
+    for entry in cfg.target.enabled().values():
+        cls = targets.TARGETS[entry["type"]]
+        if cls.needs_tracker or cls.needs_tracks is True:
+            return True
+    policy = masking.MASK_POLICIES[cfg.mask.type]
+    return any(targets.TARGETS[targets.SIDE_OUTPUT_PROVIDERS[s]].needs_tracks for s in policy.needs
+               if s in targets.SIDE_OUTPUT_PROVIDERS)
+
+
+def resolve_mask(cfg: MaskConfig) -> MaskConfig:
+    """Fill the policy's options (`mask.options.<key>`) from its declared defaults; ConfigError names the key."""
+    from . import masking
+
+    if cfg.type not in masking.MASK_POLICIES:
+        _fail("mask.type", cfg.type, f"expected one of {tuple(masking.MASK_POLICIES)}")
+    policy = masking.MASK_POLICIES[cfg.type]
+    if not isinstance(cfg.options, dict):
+        _fail("mask.options", cfg.options, "a mapping of the policy's options")
+    options = _apply(policy.Options(), cfg.options, "mask.options.")
+    policy.check_options(options, "mask.options", _fail)
+    return dataclasses.replace(cfg, options=dataclasses.asdict(options))
 
 
 def tokens_per_side(cfg: TrainConfig) -> int:
@@ -238,6 +379,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if value not in choices:
             _fail(key, value, f"expected one of {choices}")
     d, m, o = cfg.data, cfg.model, cfg.optim
+    if not isinstance(cfg.target, TargetSet):
+        _fail("target", cfg.target, "not a resolved target section (build configs with load_config)")
+    resolve_mask(cfg.mask)
     if not 0.0 < cfg.mask.ratio < 1.0:
         _fail("mask.ratio", cfg.mask.ratio, "must lie strictly between 0 and 1")
     if not 0.0 <= cfg.mask.rho <= 1.0:
@@ -255,7 +399,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("data.input_size", d.input_size, f"must be divisible by model.patch_size={m.patch_size}")
     if d.num_frames % m.tubelet_size:
         _fail("data.num_frames", d.num_frames, f"must be divisible by model.tubelet_size={m.tubelet_size}")
-    if d.num_frames // m.tubelet_size < 2 and cfg.target.motion:
+    if d.num_frames // m.tubelet_size < 2 and needs_tracks(cfg):
         _fail("data.num_frames", d.num_frames, "motion targets need at least 2 tubelets (2 tracked frames)")
     if not 0.0 <= d.max_skip_fraction <= 1.0:
         _fail("data.max_skip_fraction", d.max_skip_fraction, "must lie in [0, 1]")
@@ -282,7 +426,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
                 _fail(key, value, f"is only read with data.source='list' (data.source={d.source!r}); add "
                                   "data.source=list to train on the list")
     t = cfg.tracker
-    if cfg.target.motion or cfg.mask.type == "motion":
+    if needs_tracks(cfg):
         if t.backend == "cotracker3" and not t.checkpoint:
             _fail("tracker.checkpoint", t.checkpoint,
                   "tracker.backend='cotracker3' needs a checkpoint path (or 'official')")
@@ -294,16 +438,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             _fail("tracker.grid_size", t.grid_size, "must be >= 2 (or 0: one point per token)")
         if t.iters < 1:
             _fail("tracker.iters", t.iters, "must be >= 1")
-        if cfg.target.upsample < 1:
-            _fail("target.upsample", cfg.target.upsample, "must be >= 1")
         if grid % side:  # the binning statistic pools whole groups of grid points per token
             _fail("tracker.grid_size", t.grid_size, f"must be a multiple of the token grid {side} (or 0)")
-    if cfg.target.spatial == "none" and not cfg.target.motion:
-        _fail("target.motion", cfg.target.motion, "at least one of a spatial target and the motion target is needed")
-    if cfg.target.clip_checkpoint and not Path(cfg.target.clip_checkpoint).expanduser().is_file():
-        _fail("target.clip_checkpoint", cfg.target.clip_checkpoint, "file not found")
-    if cfg.target.motion_weight is not None and cfg.target.motion_weight < 0:
-        _fail("target.motion_weight", cfg.target.motion_weight, "must be >= 0")
     if o.base_lr <= 0 or o.min_lr < 0:
         _fail("optim.base_lr", o.base_lr, "learning rates must be positive (min_lr >= 0)")
     if o.lr is not None and o.lr <= 0:
@@ -337,8 +473,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("tracker.placement", t.placement, "the track store reads through the CPU loader: set data.loader=cpu")
     if t.placement == "ranks" and t.tracking_ranks < 1:
         _fail("tracker.tracking_ranks", t.tracking_ranks, "must be >= 1 with tracker.placement='ranks'")
-    if not 0.0 <= cfg.target.visibility_threshold <= 1.0:
-        _fail("target.visibility_threshold", cfg.target.visibility_threshold, "must lie in [0, 1]")
     if cfg.visualize_every < 0:
         _fail("visualize_every", cfg.visualize_every, "must be >= 0 (0: pictures only at the end of the run)")
     if cfg.keep_checkpoints < 1:
@@ -409,7 +543,9 @@ def _apply(obj: Any, values: dict[str, Any], prefix: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"unknown config key {full!r}; known keys here: {sorted(names)}")
         current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
+        if isinstance(current, TargetSet):  # the target section: name -> options (and the former flat keys)
+            changes[key] = resolve_targets(value)
+        elif dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 raise ConfigError(f"{full} is a section; give its keys (e.g. {full}.<key>=...)")
             changes[key] = _apply(current, value, f"{full}.")
@@ -432,6 +568,8 @@ def to_dict(cfg: TrainConfig) -> dict[str, Any]:
 def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
+        if isinstance(v, dict) and v.get(_ALIAS) and k in out and out[k] in (False, None):
+            v = {**v, "enabled": False}  # a former-layout option of a target switched off below: it stays off
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
@@ -463,6 +601,8 @@ def _load_preset_dict(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     if str(path) in seen:
         raise ConfigError(f"{path}: circular 'base:' chain {' -> '.join(seen)}")
     data = _read_yaml(path)
+    if "target" in data:
+        data["target"] = normalise_target_section(data["target"])
     base = data.pop("base", None)
     if base is not None:
         data = _merge(_load_preset_dict(base, seen + (str(path),)), data)
@@ -490,6 +630,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} conflicts with an earlier override of {part!r}")
         node[parts[-1]] = value
+    if "target" in nested:
+        nested["target"] = normalise_target_section(nested["target"])
     return nested
 
 
@@ -498,7 +640,7 @@ def load_config(preset: str = "default", overrides: list[str] | None = None, *, 
     data = _merge(_load_preset_dict(preset), parse_overrides(overrides or []))
     data.setdefault("preset", Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset)
     cfg = _apply(TrainConfig(), data)
-    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), mask=resolve_mask(cfg.mask))
     return validate(cfg) if check else cfg
 
 
@@ -508,5 +650,5 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
 
 def config_from_dict(data: dict[str, Any], *, check: bool = True) -> TrainConfig:
     cfg = _apply(TrainConfig(), data)
-    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model))
+    cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), mask=resolve_mask(cfg.mask))
     return validate(cfg) if check else cfg

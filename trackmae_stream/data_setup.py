@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .config import TrainConfig
+from .config import TrainConfig, needs_tracks
 from .data import (
     SkipCounter,
     VideoClipDataset,
@@ -131,7 +131,7 @@ def build_data(cfg: TrainConfig, dist: DistInfo, device: torch.device,
         description += ", DALI " + ("GPU" if device.type == "cuda" else "CPU") + " decoding"
     else:
         track_windows = None
-        if cfg.tracker.placement == "store" and (cfg.target.motion or cfg.mask.type == "motion"):
+        if cfg.tracker.placement == "store" and needs_tracks(cfg):
             from .tracks.source import TrackWindows, open_store
 
             track_windows = TrackWindows(cfg, open_store(cfg, readonly=True))

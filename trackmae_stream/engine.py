@@ -16,18 +16,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from . import __version__, kernels
 from .checkpoint import CheckpointManager, capture_rng_state, load_checkpoint, restore_rng_state
-from .config import ConfigError, TrainConfig, config_from_dict, motion_weight, save_config, to_dict, tracker_grid_size
+from .config import ConfigError, TrainConfig, config_from_dict, save_config, to_dict, tracker_grid_size
 from .data_setup import DataSetup, build_data
 from .distributed import DistInfo, all_reduce_sum, barrier, broadcast_object, init_distributed, shutdown
 from .errors import UserError
+from .masking import LearnedMaskPolicy, MaskInputs
 from .metrics import IntervalTimer, MetricLogger, format_record, memory_gib, peak_tflops
-from .model import TrackMAE, TrackMAEShape, count_parameters, describe, forward_flops, resolve_backend
+from .model import HeadSpec, TrackMAE, TrackMAEShape, count_parameters, describe, forward_flops, resolve_backend
 from .optim import CosineSchedule, build_optimizer, peak_lr, set_lr
 from .pipeline import StreamingPrefetcher, TrainBatch, build_batch_preparer
 from .run_folder import (
@@ -90,46 +90,43 @@ def setup_logging(is_main: bool) -> None:
     root.setLevel(level)
 
 
+def head_specs(cfg: TrainConfig, dims: dict[str, int]) -> tuple[HeadSpec, ...]:
+    """One head per enabled target (`cfg.target`), with the widths `dims` (name -> values per token)."""
+    return tuple(HeadSpec(name=name, dim=dims[name], decoder=entry["decoder"], head=entry["head"],
+                          hidden=entry["head_hidden"], activation=entry["activation"])
+                 for name, entry in cfg.target.enabled().items())
+
+
 def build_model(cfg: TrainConfig, targets: TargetBuilder) -> TrackMAE:
+    """The network of a config; `targets` gives the heads' widths (`targets.dims`, name -> values per token)."""
     m = cfg.model
     shape = TrackMAEShape(num_frames=cfg.data.num_frames, input_size=cfg.data.input_size, patch_size=m.patch_size,
                           tubelet_size=m.tubelet_size, embed_dim=m.embed_dim, depth=m.depth, num_heads=m.num_heads,
                           decoder_dim=m.decoder_dim, decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
-                          mlp_ratio=m.mlp_ratio, spatial_dim=targets.spatial_dim, motion_dim=targets.motion_dim,
-                          drop_path=m.drop_path)
+                          mlp_ratio=m.mlp_ratio, heads=head_specs(cfg, targets.dims), drop_path=m.drop_path)
     return TrackMAE(shape)
 
 
-def compute_losses(pred: dict[str, Tensor], batch: TrainBatch, lam: float) -> dict[str, Tensor]:
-    """MSE over the masked tokens: L = L_spatial + λ · L_motion (computed in float32).
+def compute_losses(pred: dict[str, Tensor], batch: TrainBatch, targets: TargetBuilder) -> dict[str, Tensor]:
+    """L = Σ_target weight · L_target over the masked tokens, each target's loss by its own `Target.loss` (mean
+    squared error by default, over its valid values when it declares a validity; float32).
 
-    Also returns each target's mean square (`zero_*`): the loss of predicting zeros. Normalised targets make that
-    trivial solution sit near 1 (pixels) or 0.75 (motion, 4 points with unbiased std), so a falling loss only shows
-    learning once it drops below it; the log reports the ratio.
-
-    With `batch.motion_valid` (target.drop_invisible) the motion loss and its zero reference are means over the
-    valid values only; a batch with none gives 0 (the count is clamped to 1: no host sync, no division by zero).
+    Also returns each target's `zero_<name>`: the loss of predicting zeros. Normalised targets make that trivial
+    solution sit near 1 (pixels) or 0.75 (motion, 4 points with unbiased std), so a falling loss only shows learning
+    once it drops below it; the log reports the ratio (`rel_<name>`). `token_error` (B, M): the weighted per-token
+    error, detached (what a learned mask policy is rewarded or trained with).
     """
     losses: dict[str, Tensor] = {}
-    total = None
-    for name, target, weight in (("spatial", batch.spatial_target, 1.0), ("motion", batch.motion_target, lam)):
-        if target is None:
-            continue
-        target = target.float()
-        valid = batch.motion_valid if name == "motion" else None
-        if valid is None:
-            losses[f"loss_{name}"] = F.mse_loss(pred[name].float(), target)
-            losses[f"zero_{name}"] = target.detach().square().mean()
-        else:
-            # `where`, not a product: whatever sits at an invalid value (target 0 by construction, any prediction)
-            # contributes neither loss nor gradient
-            count = valid.sum().clamp(min=1).float()
-            error = (pred[name].float() - target).square()
-            losses[f"loss_{name}"] = torch.where(valid, error, 0.0).sum() / count
-            losses[f"zero_{name}"] = torch.where(valid, target.detach().square(), 0.0).sum() / count
-        term = weight * losses[f"loss_{name}"]
-        total = term if total is None else total + term
+    total = token_error = None
+    for name, target in targets.targets.items():
+        part = target.loss(pred[name], batch.targets[name], batch.valid.get(name))
+        weight = targets.weights[name]
+        losses[f"loss_{name}"] = part.loss
+        losses[f"zero_{name}"] = part.zero
+        total = weight * part.loss if total is None else total + weight * part.loss
+        token_error = weight * part.token_error if token_error is None else token_error + weight * part.token_error
     losses["loss"] = total
+    losses["token_error"] = token_error
     return losses
 
 
@@ -198,6 +195,8 @@ class Trainer:
                   else round(cfg.optim.warmup_epochs * self.steps_per_epoch))
         self.schedule = CosineSchedule(lr, min(cfg.optim.min_lr, lr), min(warmup, self.total_steps), self.total_steps)
         self.optimizer = build_optimizer(model, cfg.optim, lr)
+        if isinstance(self.masks.policy, LearnedMaskPolicy):  # its own parameters and optimizer
+            self.masks.policy.setup(self.device)
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision) if cuda else None
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and cfg.precision == "fp16")
         self.raw_model = model
@@ -278,6 +277,10 @@ class Trainer:
         if saved_schedule is not None and saved_schedule != dataclasses.asdict(self.schedule):
             log.warning("%s was trained with the schedule %s; continuing with %s (changed epochs, lr or batch?)", path,
                         saved_schedule, dataclasses.asdict(self.schedule))
+        if self.masks.learned:
+            if "mask_policy" not in state:
+                raise ConfigError(f"mask.type={self.cfg.mask.type!r}: {path} holds no learned mask policy state")
+            self.masks.policy.load_policy_state(state["mask_policy"])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self.batch_in_epoch = int(state["batch_in_epoch"])
         self.loss_history = list(state.get("loss_history", []))
@@ -307,6 +310,8 @@ class Trainer:
             "config": to_dict(self.cfg),
             "rng": {"per_rank": per_rank},  # RNG states and skip counters, one entry per rank
             "loss_history": self.loss_history,
+            # a learned mask policy: its parameters, optimizer and extra state (the same on every rank)
+            **({"mask_policy": self.masks.policy.policy_state()} if self.masks.learned else {}),
             "identity": identity_hash(self.identity),
             "format": "trackmae_stream",
             "version": __version__,
@@ -359,8 +364,8 @@ class Trainer:
         accum = cfg.optim.accum_steps
         # Preemption: SIGTERM / SIGINT finish the step, write a checkpoint and stop; ranks agree over a CPU group.
         self.stop = StopSignal(self.dist)
-        loss_names = ["spatial"] * (cfg.target.spatial != "none") + ["motion"] * cfg.target.motion
-        state = _IntervalState(self.device, loss_names)
+        policy_keys = [f"mask_{k}" for k in getattr(self.masks.policy, "log_keys", ())]
+        state = _IntervalState(self.device, self.targets.names, policy_keys)
         progress = None
         if cfg.progress and self.dist.is_main:
             from tqdm import tqdm
@@ -428,7 +433,7 @@ class Trainer:
         """One optimizer step over `accum_steps` micro-batches; no host sync."""
         cfg = self.cfg
         accum = cfg.optim.accum_steps
-        lam = motion_weight(cfg.target)
+        policy = self.masks.policy if self.masks.learned else None
         set_lr(self.optimizer, self.schedule(self.step))
         t_step = time.perf_counter()
         loss_nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -439,9 +444,22 @@ class Trainer:
             sync_ctx = self.model.no_sync() if not last and hasattr(self.model, "no_sync") else contextlib.nullcontext()
             with sync_ctx:
                 with self._autocast():
+                    if policy is not None:  # a learned policy draws the masks here, from the current embeddings
+                        tokens = self.raw_model.encoder.patch_embed.embed_patches(batch.patches)
+                        mask, aux = policy.sample(MaskInputs(step=self.step * accum + micro, batch=batch.num_clips,
+                                                             device=self.device, side=batch.side, tokens=tokens))
+                        batch = batch.select(mask)
                     pred = self.model(batch.patches, batch.visible_idx, batch.masked_idx)
-                    losses = compute_losses(pred, batch, lam)
-                self.scaler.scale(losses["loss"] / accum).backward()
+                    losses = compute_losses(pred, batch, self.targets)
+                    total = losses["loss"]
+                    if policy is not None:
+                        extra = policy.mae_loss(aux, losses["token_error"], mask)
+                        if extra is not None:
+                            total = total + extra
+                self.scaler.scale(total / accum).backward()
+            if policy is not None:  # its own optimizer; no host sync
+                losses.update({f"mask_{k}": v for k, v in policy.update(aux, losses["token_error"], mask,
+                                                                          self.step).items()})
             state.add_losses(losses, accum)
             loss_nonfinite |= ~torch.isfinite(losses["loss"].detach())
             state.timer.clips += batch.num_clips
@@ -574,8 +592,9 @@ class _IntervalState:
     """What accumulates on the device between log intervals (losses, grad norms, the first non-finite step) and
     the host timer; nothing here synchronises."""
 
-    def __init__(self, device: torch.device, targets: list[str]):
-        self.keys = ["loss"] + [f"{kind}_{name}" for name in targets for kind in ("loss", "zero")]
+    def __init__(self, device: torch.device, targets: list[str], extra: list[str] | None = None):
+        self.targets = list(targets)
+        self.keys = ["loss"] + [f"{kind}_{name}" for name in targets for kind in ("loss", "zero")] + list(extra or [])
         self.loss_sum = torch.zeros(len(self.keys), device=device, dtype=torch.float64)
         self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.first_bad_step = torch.full((), -1, device=device, dtype=torch.long)
@@ -592,7 +611,7 @@ class _IntervalState:
     def reduced_losses(self, dist: DistInfo) -> dict[str, float]:
         totals = all_reduce_sum(self.loss_sum.clone(), dist) / (max(1, self.steps) * dist.world_size)
         values = dict(zip(self.keys, totals.tolist()))
-        for name in ("spatial", "motion"):  # loss relative to predicting zeros: < 1 means the model learned something
+        for name in self.targets:  # loss relative to predicting zeros: < 1 means the model learned something
             if f"zero_{name}" in values:
                 values[f"rel_{name}"] = values[f"loss_{name}"] / max(values.pop(f"zero_{name}"), 1e-12)
         return values

@@ -151,8 +151,9 @@ def _jsonable(value: Any) -> Any:
 
 def format_record(record: dict[str, Any]) -> str:
     parts = [f"step {record['step']}", f"epoch {record['epoch']}"]
-    for key, fmt in (("loss", "{:.4f}"), ("loss_spatial", "{:.4f}"), ("loss_motion", "{:.4f}"),
-                     ("rel_spatial", "{:.3f}"), ("rel_motion", "{:.3f}"), ("lr", "{:.2e}"),
+    per_target = [(k, "{:.4f}") for k in record if k.startswith("loss_")] + \
+        [(k, "{:.3f}") for k in record if k.startswith("rel_")]
+    for key, fmt in (("loss", "{:.4f}"), *per_target, ("lr", "{:.2e}"),
                      ("clips_per_s", "{:.1f}"), ("data_wait", "{:.0%}"), ("mfu", "{:.1%}"), ("mem_gib", "{:.2f}"),
                      ("tracker_gflop_per_clip", "{:.1f}"), ("store_hits", "{}"), ("store_misses", "{}")):
         if record.get(key) is not None:

@@ -1,17 +1,18 @@
 """From a loader batch of uint8 clips to what one training step consumes, overlapped with training on CUDA.
 
-Per batch: copy the clips to the device, track a query grid on the first frame of every tubelet, turn the tracks into
-motion targets and the motion statistic, draw the masks, gather the visible raw patches and the targets at the masked
-tokens. On CUDA all of it runs on a dedicated stream for batch i+1 while the default stream trains on batch i; the
-handoff waits on an event and marks every handed-over tensor with `record_stream`, so the caching allocator never
-reuses its memory while the training stream may still read it.
+Per batch: copy the clips to the device, track a query grid on the first frame of every tubelet (when a target or the
+mask policy needs tracks), let every target prepare its values and side outputs (e.g. the motion statistic), draw the
+masks, gather the visible raw patches and the targets at the masked tokens. On CUDA all of it runs on a dedicated stream
+for batch i+1 while the default stream trains on batch i; the handoff waits on an event and marks every handed-over
+tensor with `record_stream`, so the caching allocator never reuses its memory while the training stream may still read
+it.
 """
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,36 +22,79 @@ from . import kernels
 from .config import TrainConfig, tokens_per_side, tracker_grid_size
 from .masking import MaskGenerator
 from .metrics import IntervalTimer
-from .targets import TargetBuilder
+from .targets import TargetBuilder, TargetInputs
 from .tracking import PointTracker, TrackerOutput, build_tracker
 
 
 @dataclass
 class TrainBatch:
-    patches: Tensor  # (B, V, 3*t*p*p) ImageNet-normalised visible tubelets, Conv3d weight order
-    visible_idx: Tensor  # (B, V) ascending token indices
-    masked_idx: Tensor  # (B, M) ascending token indices
-    spatial_target: Tensor | None  # (B, M, spatial_dim)
-    motion_target: Tensor | None  # (B, M, motion_dim)
+    """One prepared micro-batch. Targets are keyed by target name (`cfg.target`), in the masked tokens' order.
+
+    A learned mask policy draws its masks in the training step: its batches come `deferred` (no indices yet;
+    patches and target values of every token, plus the side outputs it may read) and `select(mask)` turns them into
+    the usual form."""
+
+    patches: Tensor  # (B, V, 3*t*p*p) ImageNet-normalised visible tubelets, Conv3d weight order (deferred: (B, N, .))
+    visible_idx: Tensor | None  # (B, V) ascending token indices (None: deferred)
+    masked_idx: Tensor | None  # (B, M) ascending token indices (None: deferred)
+    targets: dict[str, Tensor]  # name -> (B, M, dim) (deferred: (B, N, dim))
     skipped: Tensor | None  # (B, k) host tensor: record indices of videos that failed to decode (-1 padding)
     source_index: Tensor | None  # (B,) host tensor: the records actually decoded
-    # (B, M, motion_dim) bool, True = the motion value enters the loss; None = all do (target.drop_invisible off)
-    motion_valid: Tensor | None = None
+    # name -> (B, M, dim) or (B, M) bool, True = enters the loss; only targets that declare a validity have one
+    valid: dict[str, Tensor] = field(default_factory=dict)
     # (1, T, H, W, 3) uint8 copy of the first clip, only for a micro-batch that will be pictured (`BatchPreparer.
-    # picture_step`); a copy, because a loader may reuse its output buffer while the next batch is prefetched
+    # picture_step`); a copy, because a loader may reuse its output buffer while the next batch is prepared
     frames_u8: Tensor | None = None
+    side: dict[str, Tensor] = field(default_factory=dict)  # deferred only: side outputs for the learned policy
 
     @property
     def num_clips(self) -> int:
         return self.patches.shape[0]
 
-    def device_tensors(self) -> list[Tensor]:
-        out = []
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Tensor) and value.device.type == "cuda":
-                out.append(value)
+    @property
+    def deferred(self) -> bool:
+        return self.visible_idx is None
+
+    def tensor_items(self) -> dict[str, Tensor | None]:
+        """Every tensor under a flat name (`patches`, `target.<name>`, `valid.<name>`, ...): the wire format of
+        tracker.placement=ranks."""
+        out: dict[str, Tensor | None] = {"patches": self.patches, "visible_idx": self.visible_idx,
+                                         "masked_idx": self.masked_idx}
+        out.update({f"target.{k}": v for k, v in self.targets.items()})
+        out.update({f"valid.{k}": v for k, v in self.valid.items()})
+        out.update({f"side.{k}": v for k, v in self.side.items()})
+        out.update({"skipped": self.skipped, "source_index": self.source_index, "frames_u8": self.frames_u8})
         return out
+
+    @classmethod
+    def from_tensor_items(cls, items: dict[str, Tensor | None]) -> TrainBatch:
+        def group(prefix: str) -> dict[str, Tensor]:
+            return {k[len(prefix):]: v for k, v in items.items() if k.startswith(prefix) and v is not None}
+
+        return cls(patches=items["patches"], visible_idx=items.get("visible_idx"), masked_idx=items.get("masked_idx"),
+                   targets=group("target."), valid=group("valid."), side=group("side."),
+                   skipped=items.get("skipped"), source_index=items.get("source_index"),
+                   frames_u8=items.get("frames_u8"))
+
+    def device_tensors(self) -> list[Tensor]:
+        return [v for v in self.tensor_items().values() if isinstance(v, Tensor) and v.device.type == "cuda"]
+
+    def select(self, mask: kernels.MaskOutput) -> TrainBatch:
+        """A deferred batch at the masks drawn for it: visible patches, target values at the masked tokens."""
+        if not self.deferred:
+            raise ValueError("select() is for deferred batches (learned mask policies)")
+        m = mask.masked_idx
+
+        def at_masked(x: Tensor) -> Tensor:
+            if x.dim() == 2:
+                return torch.gather(x, 1, m)
+            return torch.gather(x, 1, m.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+        patches = torch.gather(self.patches, 1, mask.visible_idx.unsqueeze(-1).expand(-1, -1, self.patches.shape[-1]))
+        return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=m,
+                          targets={k: at_masked(v) for k, v in self.targets.items()},
+                          valid={k: at_masked(v) for k, v in self.valid.items()}, skipped=self.skipped,
+                          source_index=self.source_index, frames_u8=self.frames_u8)
 
 
 class BatchPreparer:
@@ -76,11 +120,11 @@ class BatchPreparer:
 
     @property
     def needs_tracks(self) -> bool:
-        return self.tracker is not None
+        return self.tracker is not None and self.targets.needs_tracks
 
     def track(self, frames_u8: Tensor) -> TrackerOutput:
         """Tracks (B, T', G², 2) of the query grid over the first frame of every tubelet, in clip pixels, and their
-        visibility (B, T', G²) (used by target.drop_invisible)."""
+        visibility (B, T', G²) (used by target.track_motion.drop_invisible)."""
         frames = frames_u8[:, :: self.tubelet].permute(0, 1, 4, 2, 3).float()  # (B, T', 3, H, W) in [0, 255]
         return self.tracker.track_grid(frames, self.grid_size)
 
@@ -88,35 +132,44 @@ class BatchPreparer:
     def __call__(self, batch: dict[str, Any], step: int) -> TrainBatch:
         frames = batch["frames"].to(self.device, non_blocking=True)
         b = frames.shape[0]
-        motion_all = token_stat = valid_all = None
+        inputs = TargetInputs(frames_u8=frames, track=self.tracker.track_grid if self.tracker is not None else None)
         if self.needs_tracks:
             tracked = self.track_source(batch, frames) if self.track_source is not None else self.track(frames)
-            if self.cfg.target.motion:
-                motion_all, token_stat, valid_all = self.targets.motion(tracked.tracks, tracked.visibility)
-            else:  # motion-aware masking only: the statistic, not the targets
-                token_stat = self.targets.motion_stat(tracked.tracks, tracked.visibility)
-        mask = self.masks(step, b, self.device, token_stat=token_stat)
+            inputs.tracks, inputs.visibility = tracked.tracks, tracked.visibility
+        prepared, side = self.targets.prepare(inputs)
+        keep = frames[:1].clone() if self.picture_step and self.picture_step(step) else None
+        if self.masks.learned:  # the trainer draws the masks: every token's patches and targets
+            all_idx = torch.arange(self.masks.geometry.num_tokens, device=self.device).expand(b, -1)
+            patches = kernels.gather_patches(frames, all_idx, tubelet=self.tubelet, patch=self.patch,
+                                             layout="BTHWC", mean=self.mean, std=self.std,
+                                             out_dtype=self.patch_dtype)
+            values, valid = self.targets.at(inputs, prepared, all_idx)
+            return TrainBatch(patches=patches, visible_idx=None, masked_idx=None, targets=values, valid=valid,
+                              skipped=batch.get("skipped"), source_index=batch.get("source_index"),
+                              frames_u8=keep, side={k: side[k] for k in self.masks.needs if k in side})
+        mask = self.masks(step, b, self.device, side=side)
         patches = kernels.gather_patches(frames, mask.visible_idx, tubelet=self.tubelet, patch=self.patch,
                                          layout="BTHWC", mean=self.mean, std=self.std, out_dtype=self.patch_dtype)
-        motion_target = kernels.gather_tokens(motion_all, mask.masked_idx) if self.cfg.target.motion else None
-        # bool rows: torch.gather (the Triton gather serves float rows; this one is tiny and needs no autograd)
-        motion_valid = (kernels.gather_tokens(valid_all, mask.masked_idx, backend="torch")
-                        if valid_all is not None else None)
-        return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=mask.masked_idx,
-                          spatial_target=self.targets.spatial(frames, mask.masked_idx), motion_target=motion_target,
-                          skipped=batch.get("skipped"), source_index=batch.get("source_index"),
-                          motion_valid=motion_valid,
-                          frames_u8=frames[:1].clone() if self.picture_step and self.picture_step(step) else None)
+        values, valid = self.targets.at(inputs, prepared, mask.masked_idx)
+        return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=mask.masked_idx, targets=values,
+                          valid=valid, skipped=batch.get("skipped"), source_index=batch.get("source_index"),
+                          frames_u8=keep)
+
+
+def build_masks(cfg: TrainConfig, rank: int = 0) -> MaskGenerator:
+    side = tokens_per_side(cfg)
+    slots = cfg.data.num_frames // cfg.model.tubelet_size
+    return MaskGenerator(cfg.mask, tokens_per_frame=side * side, num_slots=slots, seed=cfg.seed, rank=rank,
+                         embed_dim=cfg.model.embed_dim)
 
 
 def build_batch_preparer(cfg: TrainConfig, device: torch.device, rank: int = 0) -> BatchPreparer:
-    """Targets, masks and (when the motion target or motion-aware masking needs tracks) the tracker of a config,
-    wired into one preparer; its `targets`, `masks` and `tracker` stay reachable for the model and the run log."""
-    side = tokens_per_side(cfg)
-    masks = MaskGenerator(cfg.mask, tokens_per_frame=side * side,
-                          num_slots=cfg.data.num_frames // cfg.model.tubelet_size, seed=cfg.seed, rank=rank)
-    tracker = build_tracker(cfg.tracker, device) if (cfg.target.motion or masks.needs_motion) else None
-    preparer = BatchPreparer(cfg, tracker, TargetBuilder(cfg).to(device), masks, device)
+    """Targets, masks and (when a target or the mask policy needs tracks) the tracker of a config, wired into one
+    preparer; its `targets`, `masks` and `tracker` stay reachable for the model and the run log."""
+    masks = build_masks(cfg, rank)
+    targets = TargetBuilder(cfg, device, needs=masks.needs).to(device)
+    tracker = build_tracker(cfg.tracker, device) if targets.needs_tracker else None
+    preparer = BatchPreparer(cfg, tracker, targets, masks, device)
     if tracker is not None and cfg.tracker.placement == "store":
         from .tracks.source import StoreTrackSource, open_store
 

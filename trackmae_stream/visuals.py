@@ -267,14 +267,21 @@ def render_clip(frames_u8: ArrayLike, masked_idx: ArrayLike, *, tubelet: int, pa
 def render_batch(cfg: TrainConfig, frames_u8: ArrayLike, batch: Any, pred: Mapping[str, Tensor], *,
                  clip: int = 0, label_width: int = LABEL_WIDTH) -> np.ndarray:
     """`render_clip` with the sizes and target options of a run config: `batch` is the step's `TrainBatch` (its
-    `masked_idx`, `motion_target` and, when present, `motion_valid` are read), `pred` the model's output dict,
-    `frames_u8` the (B, T, H, W, 3) uint8 frames the batch was prepared from."""
-    pixel = cfg.target.spatial == "pixel"
+    `masked_idx`, `targets` and `valid` are read), `pred` the model's output dict (keyed by target name), `frames_u8`
+    the (B, T, H, W, 3) uint8 frames the batch was prepared from. Targets are drawn by what their class declares
+    (`Target.picture`): "pixels" as a reconstruction, "flow" as a colour-coded field; others are not drawn."""
+    from .targets import TARGETS
+
+    kinds = {name: TARGETS[entry["type"]].picture for name, entry in cfg.target.enabled().items()}
+    pixels = next((name for name, kind in kinds.items() if kind == "pixels"), None)
+    flow = next((name for name, kind in kinds.items() if kind == "flow"), None)
     return render_clip(frames_u8, batch.masked_idx, tubelet=cfg.model.tubelet_size, patch=cfg.model.patch_size,
-                       pred_spatial=pred.get("spatial") if pixel else None,
-                       motion_target=batch.motion_target, pred_motion=pred.get("motion"),
-                       motion_valid=getattr(batch, "motion_valid", None),
-                       normalize_pixels=cfg.target.normalize_pixels, clip=clip, label_width=label_width)
+                       pred_spatial=pred.get(pixels) if pixels else None,
+                       motion_target=batch.targets.get(flow) if flow else None,
+                       pred_motion=pred.get(flow) if flow else None,
+                       motion_valid=batch.valid.get(flow) if flow else None,
+                       normalize_pixels=bool(cfg.target[pixels]["normalize"]) if pixels else True, clip=clip,
+                       label_width=label_width)
 
 
 def write_png(path: str | os.PathLike, image: np.ndarray) -> Path:

@@ -1,8 +1,11 @@
 """State-dict adapters between this project's TrackMAE and the checkpoint formats people already have.
 
 Formats:
-  - "native": this project (`encoder.blocks.{i}.attn.qkv.bias` fused; motion decoder `motion_decoder.*` with the
-    projection `motion_encoder_to_decoder`; no position tables, they are fixed sin-cos buffers).
+  - "native": this project (`encoder.blocks.{i}.attn.qkv.bias` fused; one decoder per group
+    `decoders.<group>.{encoder_to_decoder,blocks,norm}` and one head per target `heads.<target>`; no position tables,
+    they are fixed sin-cos buffers). Checkpoints of the former native layout (a spatial decoder `decoder.*` with
+    `encoder_to_decoder`, a motion decoder `motion_decoder.*` with `motion_encoder_to_decoder`) load too: the
+    spatial decoder becomes the model's `pixel` (or `clip`) decoder and head, the motion one `track_motion`'s.
   - "videomae": MCG-NJU/VideoMAE and VideoMAE V2 pretraining checkpoints: `attn.q_bias` + `attn.v_bias` instead of a
     fused bias (the key bias is zero), no motion decoder, no position tables. VideoMAE's fine-tuning code reads this.
   - "trackmae_public": rvandeghen/TrackMAE: fused `attn.qkv.bias`, motion decoder `tracker_decoder.*` with projection
@@ -25,6 +28,23 @@ FORMATS = ("native", "videomae", "trackmae_public")
 _QKV_BIAS = re.compile(r"^(.*\.attn)\.qkv\.bias$")
 _Q_BIAS = re.compile(r"^(.*\.attn)\.q_bias$")
 _PUBLIC_RENAMES = (("tracker_decoder.", "motion_decoder."), ("encoder_to_tracker.", "motion_encoder_to_decoder."))
+# the target names the former fixed decoders stand for
+SPATIAL_NAMES = ("pixel", "clip")
+MOTION_NAME = "track_motion"
+
+
+def _legacy_renames(spatial: str, motion: str) -> tuple[tuple[str, str], ...]:
+    """Former single-decoder keys -> per-target keys (longest prefixes first)."""
+    return (("motion_decoder.head.", f"heads.{motion}."), ("motion_decoder.", f"decoders.{motion}."),
+            ("motion_encoder_to_decoder.", f"decoders.{motion}.encoder_to_decoder."),
+            ("decoder.head.", f"heads.{spatial}."), ("decoder.", f"decoders.{spatial}."),
+            ("encoder_to_decoder.", f"decoders.{spatial}.encoder_to_decoder."))
+
+
+def spatial_name_of(names) -> str:
+    """Which of a model's targets the former spatial decoder stands for (pixel unless only clip is there)."""
+    names = list(names)
+    return next((n for n in SPATIAL_NAMES if n in names), SPATIAL_NAMES[0])
 _POSITION_TABLES = ("encoder.pos_embed", "decoder_pos_embed", "pos_embed")
 
 
@@ -55,8 +75,10 @@ def detect_format(sd: Mapping[str, Tensor]) -> str:
     return "native"
 
 
-def to_native(sd: Mapping[str, Tensor], fmt: str | None = None) -> tuple[dict[str, Tensor], str]:
-    """Convert a state dict of any supported format to native keys; returns (state dict, detected format)."""
+def to_native(sd: Mapping[str, Tensor], fmt: str | None = None, *, spatial: str = "pixel",
+              motion: str = MOTION_NAME) -> tuple[dict[str, Tensor], str]:
+    """Convert a state dict of any supported format (and the former native layout) to native keys; the former
+    spatial and motion decoders become the targets `spatial` and `motion`. Returns (state dict, detected format)."""
     fmt = fmt or detect_format(sd)
     if fmt not in FORMATS:
         raise StateDictError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
@@ -64,36 +86,51 @@ def to_native(sd: Mapping[str, Tensor], fmt: str | None = None) -> tuple[dict[st
     for key, value in sd.items():
         if key in _POSITION_TABLES:
             continue  # fixed sin-cos tables are rebuilt by the model
-        if fmt == "trackmae_public":
-            for old, new in _PUBLIC_RENAMES:
-                if key.startswith(old):
-                    key = new + key[len(old):]
+        if key.endswith(".attn.v_bias"):
+            continue  # consumed with its q_bias
         if m := _Q_BIAS.match(key):
             prefix = m.group(1)
             v_key = f"{prefix}.v_bias"
             if v_key not in sd:
                 raise StateDictError(f"{key} has no matching {v_key}")
-            out[f"{prefix}.qkv.bias"] = torch.cat([value, torch.zeros_like(value), sd[v_key]])
-            continue
-        if key.endswith(".attn.v_bias"):
-            continue  # consumed with its q_bias
+            key, value = f"{prefix}.qkv.bias", torch.cat([value, torch.zeros_like(value), sd[v_key]])
+        if fmt == "trackmae_public":
+            for old, new in _PUBLIC_RENAMES:
+                if key.startswith(old):
+                    key = new + key[len(old):]
+        for old, new in _legacy_renames(spatial, motion):
+            if key.startswith(old):
+                key = new + key[len(old):]
+                break
         out[key] = value
     return out, fmt
 
 
 def from_native(sd: Mapping[str, Tensor], fmt: str, num_tokens: int | None = None) -> dict[str, Tensor]:
-    """Export native keys to `fmt`. "videomae" keeps the encoder, the spatial decoder and the mask token.
-    "trackmae_public" also stores the fixed sin-cos tables (the public model registers them as buffers), so it needs
-    `num_tokens`, the token count of the clips the model was trained on."""
+    """Export native keys to `fmt`. "videomae" keeps the encoder, the pixel (or CLIP) decoder as `decoder.*` and the
+    mask token. "trackmae_public" also maps the `track_motion` decoder to `tracker_decoder.*` and stores the fixed
+    sin-cos tables (the public model registers them as buffers), so it needs `num_tokens`, the token count of the
+    clips the model was trained on. Decoders of other targets have no place in those layouts and are left out."""
     if fmt == "native":
         return dict(sd)
     if fmt not in FORMATS:
         raise StateDictError(f"unknown checkpoint format {fmt!r}; expected one of {FORMATS}")
+    sd, _ = to_native(sd)  # a checkpoint of the former layout exports too
+    heads = {k.split(".")[1] for k in sd if k.startswith("heads.")}
+    spatial = spatial_name_of(heads)
+    renames = [(new, old) for old, new in _legacy_renames(spatial, MOTION_NAME)]
+    if fmt == "videomae":
+        renames = [(new, old) for new, old in renames if not old.startswith("motion_")]
     out: dict[str, Tensor] = {}
     for key, value in sd.items():
+        if key.startswith(("decoders.", "heads.")):
+            for new, old in renames:
+                if key.startswith(new):
+                    key = old + key[len(new):]
+                    break
+            else:
+                continue  # a decoder the layout has no place for
         if fmt == "videomae":
-            if key.startswith(("motion_decoder.", "motion_encoder_to_decoder.")):
-                continue
             if m := _QKV_BIAS.match(key):
                 q, _, v = value.chunk(3)
                 out[f"{m.group(1)}.q_bias"] = q.clone()
@@ -117,11 +154,13 @@ def from_native(sd: Mapping[str, Tensor], fmt: str, num_tokens: int | None = Non
 def load_model_state(model: nn.Module, state: Mapping, *, source: str = "checkpoint", fmt: str | None = None,
                      allow_missing_prefixes: tuple[str, ...] = ()) -> str:
     """Load any supported format into `model`, strictly: missing keys, unexpected keys and shape mismatches are an
-    error that lists them. `allow_missing_prefixes` admits deliberate gaps (e.g. ("motion_",) to start TrackMAE from
-    a VideoMAE checkpoint with a fresh motion decoder). Returns the detected format."""
+    error that lists them. `allow_missing_prefixes` admits deliberate gaps (e.g. ("decoders.track_motion.",
+    "heads.track_motion.") to start TrackMAE from a VideoMAE checkpoint with a fresh motion decoder). Returns the
+    detected format."""
     from ..checkpoint import state_dict_problems
 
-    sd, fmt = to_native(unwrap_checkpoint(state), fmt)
+    heads = {k.split(".")[1] for k in model.state_dict() if k.startswith("heads.")}
+    sd, fmt = to_native(unwrap_checkpoint(state), fmt, spatial=spatial_name_of(heads))
     problems = state_dict_problems(model.state_dict(), sd, allow_missing_prefixes)
     if problems:
         raise StateDictError(f"{source} ({fmt} format) does not fit the model: " + "; ".join(problems))

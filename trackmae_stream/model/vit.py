@@ -1,10 +1,12 @@
-"""TrackMAE network: a VideoMAE ViT encoder on visible tubelets, a spatial decoder and a motion decoder.
+"""TrackMAE network: a VideoMAE ViT encoder on visible tubelets and one decoder (or a shared one) per target.
 
-Module names follow VideoMAE's pretraining model (`encoder.blocks.{i}.attn.qkv`, `encoder_to_decoder`, `mask_token`,
-`decoder.head`) so that the state-dict adapters stay simple. Differences from VideoMAE: the qkv projection carries one
-fused bias (VideoMAE stores q_bias/v_bias; a key bias shifts every logit of a query row equally, so it has no effect and
-converts exactly), and the encoder embeds only the visible tubelets from pre-gathered raw patches (a Conv3d with
-kernel = stride is a linear map per tubelet, so embedding 10% of the tokens gives the same result for them).
+Module names follow VideoMAE's pretraining model inside each part (`encoder.blocks.{i}.attn.qkv`, `mask_token`,
+`decoders.<group>.encoder_to_decoder`, `decoders.<group>.blocks`, `heads.<target>`); `model/adapters.py` maps the former
+layout (`decoder.*`, `motion_decoder.*`) and the other code bases' layouts to it. Differences from VideoMAE: the qkv
+projection carries one fused bias (VideoMAE stores q_bias/v_bias; a key bias shifts every logit of a query row equally,
+so it has no effect and converts exactly), and the encoder embeds only the visible tubelets from pre-gathered raw
+patches (a Conv3d with kernel = stride is a linear map per tubelet, so embedding 10% of the tokens gives the same result
+for them).
 """
 from __future__ import annotations
 
@@ -113,15 +115,41 @@ class VideoEncoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, *, dim: int, depth: int, num_heads: int, mlp_ratio: float, out_dim: int):
+    """Decoder blocks of one decoder group: the projection from the encoder width, the blocks and the final norm.
+    The targets that name this decoder each have their own head on its output (`TrackMAE.heads`)."""
+
+    def __init__(self, *, embed_dim: int, dim: int, depth: int, num_heads: int, mlp_ratio: float):
         super().__init__()
+        self.encoder_to_decoder = nn.Linear(embed_dim, dim, bias=False)
         self.blocks = Blocks([Block(dim, num_heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = nn.Linear(dim, out_dim)
 
     def forward(self, x: Tensor, num_masked: int) -> Tensor:
-        """Predictions for the last `num_masked` tokens (the mask tokens)."""
-        return self.head(self.norm(self.blocks(x)[:, -num_masked:]))
+        """Features of the last `num_masked` tokens (the mask tokens)."""
+        return self.norm(self.blocks(x)[:, -num_masked:])
+
+
+class MLPHead(nn.Sequential):
+    """Linear -> GELU -> Linear (MME's heads; the activation is applied by the model)."""
+
+    def __init__(self, dim: int, hidden: int, out_dim: int):
+        super().__init__(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One target's output head: its width, the decoder group it reads, the head form and output activation."""
+
+    name: str
+    dim: int
+    decoder: str | None = None  # None: a decoder of its own named like the target
+    head: str = "linear"  # "linear" | "mlp"
+    hidden: int = 512
+    activation: str = "none"  # "none" | "sigmoid" | "tanh"
+
+    @property
+    def group(self) -> str:
+        return self.decoder or self.name
 
 
 @dataclass(frozen=True)
@@ -139,8 +167,7 @@ class TrackMAEShape:
     decoder_depth: int
     decoder_heads: int
     mlp_ratio: float = 4.0
-    spatial_dim: int | None = 1536  # None: no spatial decoder (trajectory-only pretraining)
-    motion_dim: int | None = 8  # None: no motion decoder (plain VideoMAE)
+    heads: tuple[HeadSpec, ...] = (HeadSpec("pixel", 1536), HeadSpec("track_motion", 8))
     drop_path: float = 0.0
 
     @property
@@ -155,15 +182,27 @@ class TrackMAEShape:
     def patch_dim(self) -> int:
         return 3 * self.tubelet_size * self.patch_size ** 2
 
+    @property
+    def groups(self) -> list[str]:
+        """Decoder groups in order of first use."""
+        return list(dict.fromkeys(h.group for h in self.heads))
+
+
+_ACTIVATIONS = {"none": None, "sigmoid": torch.sigmoid, "tanh": torch.tanh}
+
 
 class TrackMAE(nn.Module):
-    """Encoder + spatial decoder + motion decoder. The decoders share the mask token and position table (as in the
-    public code); each has its own bias-free projection from the encoder width."""
+    """Encoder + one decoder per decoder group + one head per target. The decoders share the mask token and position
+    table (as in the public TrackMAE code); each has its own bias-free projection from the encoder width. Targets
+    that name the same decoder (MME's HOG and trajectory) share its blocks."""
 
     def __init__(self, shape: TrackMAEShape):
         super().__init__()
-        if shape.spatial_dim is None and shape.motion_dim is None:
-            raise ValueError("TrackMAE needs at least one of a spatial and a motion decoder")
+        if not shape.heads:
+            raise ValueError("TrackMAE needs at least one target head")
+        names = [h.name for h in shape.heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"target heads must have distinct names, got {names}")
         self.shape = shape
         s = shape
         self.encoder = VideoEncoder(num_tokens=s.num_tokens, embed_dim=s.embed_dim, depth=s.depth,
@@ -171,13 +210,12 @@ class TrackMAE(nn.Module):
                                     tubelet_size=s.tubelet_size, drop_path=s.drop_path)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, s.decoder_dim))
         self.register_buffer("decoder_pos_embed", sinusoid_table(s.num_tokens, s.decoder_dim), persistent=False)
-        decoder_kw = dict(dim=s.decoder_dim, depth=s.decoder_depth, num_heads=s.decoder_heads, mlp_ratio=s.mlp_ratio)
-        if s.spatial_dim is not None:
-            self.encoder_to_decoder = nn.Linear(s.embed_dim, s.decoder_dim, bias=False)
-            self.decoder = Decoder(out_dim=s.spatial_dim, **decoder_kw)
-        if s.motion_dim is not None:
-            self.motion_encoder_to_decoder = nn.Linear(s.embed_dim, s.decoder_dim, bias=False)
-            self.motion_decoder = Decoder(out_dim=s.motion_dim, **decoder_kw)
+        self.decoders = nn.ModuleDict({
+            group: Decoder(embed_dim=s.embed_dim, dim=s.decoder_dim, depth=s.decoder_depth,
+                           num_heads=s.decoder_heads, mlp_ratio=s.mlp_ratio) for group in s.groups})
+        self.heads = nn.ModuleDict({
+            h.name: (nn.Linear(s.decoder_dim, h.dim) if h.head == "linear" else MLPHead(s.decoder_dim, h.hidden, h.dim))
+            for h in s.heads})
         self.apply(_init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
@@ -196,24 +234,22 @@ class TrackMAE(nn.Module):
         return {"mask_token"}
 
     # -- forward ---------------------------------------------------------------------------------------------------
-    def _decode(self, proj: nn.Linear, decoder: Decoder, latent: Tensor, pos_visible: Tensor,
-                pos_masked: Tensor) -> Tensor:
-        visible = proj(latent) + pos_visible
-        masked = self.mask_token.to(latent.dtype) + pos_masked
-        return decoder(torch.cat([visible, masked], dim=1), masked.shape[1])
-
     def forward(self, patches: Tensor, visible_idx: Tensor, masked_idx: Tensor) -> dict[str, Tensor]:
         """patches (B, V, patch_dim) raw normalised visible tubelets; visible_idx (B, V) and masked_idx (B, M) in
-        ascending token order. Returns {"spatial": (B, M, spatial_dim), "motion": (B, M, motion_dim)}."""
+        ascending token order. Returns {target name: (B, M, dim)}."""
         latent = self.encoder(patches, visible_idx)
         pos = self.decoder_pos_embed.to(latent.dtype)
         pos_visible, pos_masked = pos[visible_idx], pos[masked_idx]
+        masked = self.mask_token.to(latent.dtype) + pos_masked
+        features = {}
+        for group, decoder in self.decoders.items():
+            visible = decoder.encoder_to_decoder(latent) + pos_visible
+            features[group] = decoder(torch.cat([visible, masked], dim=1), masked.shape[1])
         out = {}
-        if self.shape.spatial_dim is not None:
-            out["spatial"] = self._decode(self.encoder_to_decoder, self.decoder, latent, pos_visible, pos_masked)
-        if self.shape.motion_dim is not None:
-            out["motion"] = self._decode(self.motion_encoder_to_decoder, self.motion_decoder, latent, pos_visible,
-                                         pos_masked)
+        for h in self.shape.heads:
+            y = self.heads[h.name](features[h.group])
+            act = _ACTIVATIONS[h.activation]
+            out[h.name] = act(y) if act is not None else y
         return out
 
 
@@ -244,12 +280,14 @@ def forward_flops(shape: TrackMAEShape, num_visible: int) -> float:
     n, v = s.num_tokens, num_visible
     m = n - v
     flops = 2 * v * s.patch_dim * s.embed_dim + _blocks_flops(v, s.embed_dim, s.depth, s.mlp_ratio)
-    for out_dim in (s.spatial_dim, s.motion_dim):
-        if out_dim is None:
-            continue
+    for _ in s.groups:
         flops += 2 * v * s.embed_dim * s.decoder_dim
         flops += _blocks_flops(n, s.decoder_dim, s.decoder_depth, s.mlp_ratio)
-        flops += 2 * m * s.decoder_dim * out_dim
+    for h in s.heads:
+        if h.head == "linear":
+            flops += 2 * m * s.decoder_dim * h.dim
+        else:
+            flops += 2 * m * (s.decoder_dim * h.hidden + h.hidden * h.dim)
     return float(flops)
 
 
@@ -258,10 +296,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def describe(shape: TrackMAEShape) -> str:
-    return (f"ViT {shape.embed_dim}x{shape.depth} ({shape.num_heads} heads), decoders {shape.decoder_dim}x"
-            f"{shape.decoder_depth}, {shape.num_tokens} tokens of {shape.tubelet_size}x{shape.patch_size}x"
-            f"{shape.patch_size}")
+    heads = ", ".join(f"{h.name}[{h.dim}]" for h in shape.heads)
+    return (f"ViT {shape.embed_dim}x{shape.depth} ({shape.num_heads} heads), {len(shape.groups)} decoder(s) "
+            f"{shape.decoder_dim}x{shape.decoder_depth}, heads {heads}, {shape.num_tokens} tokens of "
+            f"{shape.tubelet_size}x{shape.patch_size}x{shape.patch_size}")
 
 
-__all__ = ["TrackMAE", "TrackMAEShape", "VideoEncoder", "Decoder", "Block", "Attention", "sinusoid_table",
-           "forward_flops", "count_parameters", "describe"]
+__all__ = ["TrackMAE", "TrackMAEShape", "HeadSpec", "MLPHead", "VideoEncoder", "Decoder", "Block", "Attention",
+           "sinusoid_table", "forward_flops", "count_parameters", "describe"]

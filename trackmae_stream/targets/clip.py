@@ -1,19 +1,15 @@
-"""What the decoders learn to predict at the masked tokens: motion targets from tracks, per-patch-normalised pixels,
-or CLIP features.
-
-The arithmetic lives in `trackmae_stream.kernels` (Triton on CUDA, the torch reference twin elsewhere); this module
-binds it to the run configuration and owns the CLIP teacher.
-"""
+"""The `clip` target: features of a frozen CLIP image tower at the first frame of every tubelet (TrackMAE's
+CLIP variant; the paper's motion weight beside it is 0.25)."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kernels
-from .config import TrainConfig, tokens_per_side, tracker_grid_size
+from .base import Prepared, Target, TargetContext, TargetInputs, register_target
 
 log = logging.getLogger(__name__)
 
@@ -64,68 +60,36 @@ class ClipTeacher(nn.Module):
         return (feats - mean) * torch.rsqrt(var + 1e-6)
 
 
-class TargetBuilder(nn.Module):
-    """Per-batch targets at the masked tokens, in the same ascending token order as `masked_idx`."""
+@dataclass
+class ClipOptions:
+    model: str = "vit_base_patch16_clip_224.openai"
+    checkpoint: str | None = None  # local weights; None downloads through timm's hub when the network allows
 
-    def __init__(self, cfg: TrainConfig):
-        super().__init__()
-        self.cfg = cfg
-        t = cfg.target
-        self.tokens_side = tokens_per_side(cfg)
-        self.tubelet = cfg.model.tubelet_size
-        self.patch = cfg.model.patch_size
-        self.teacher = ClipTeacher(t.clip_model, t.clip_checkpoint, self.tokens_side) if t.spatial == "clip" else None
 
-    @property
-    def spatial_dim(self) -> int | None:
-        if self.cfg.target.spatial == "pixel":
-            return 3 * self.tubelet * self.patch ** 2
-        if self.cfg.target.spatial == "clip":
-            return self.teacher.dim
-        return None
+@register_target
+class ClipTarget(Target):
+    name = "clip"
+    Options = ClipOptions
+    default_weight = 1.0
 
-    @property
-    def motion_dim(self) -> int | None:
-        if not self.cfg.target.motion:
-            return None
-        side = tracker_grid_size(self.cfg) * self.cfg.target.upsample // self.tokens_side
-        return 2 * side * side
+    def __init__(self, ctx: TargetContext, options: ClipOptions, *, load: bool = True):
+        super().__init__(ctx, options)
+        if load:
+            self.teacher = ClipTeacher(options.model, options.checkpoint, ctx.tokens_side)
+            self.dim = self.teacher.dim
+        else:  # shape only: the width from the architecture, no weights
+            import timm
 
-    def _visibility(self, visibility: Tensor | None) -> Tensor | None:
-        """The visibility to use: None unless target.drop_invisible (then it is required)."""
-        if not self.cfg.target.drop_invisible:
-            return None
-        if visibility is None:
-            raise ValueError("target.drop_invisible=true needs the tracker's visibility (B, T', G²)")
-        return visibility
+            with torch.device("meta"):
+                self.dim = timm.create_model(options.model, pretrained=False, num_classes=0).embed_dim
+            self.teacher = None
 
-    def motion(self, tracks: Tensor, visibility: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-        """tracks (B, T', G², 2), visibility (B, T', G²) -> (targets for all tokens (B, N, motion_dim), binning
-        statistic (B, side²), validity (B, N, motion_dim) bool). With target.drop_invisible off the visibility is
-        ignored and the validity is None (every value counts: the official definition); on, invalid values are 0
-        and False (definition: `kernels.motion`)."""
-        t = self.cfg.target
-        kwargs = dict(tokens_side=self.tokens_side, upsample=t.upsample, displacement=t.displacement,
-                      norm=t.motion_norm)
-        visibility = self._visibility(visibility)
-        if visibility is None:
-            targets, token_stat = kernels.motion_targets(tracks, **kwargs)
-            return targets, token_stat, None
-        return kernels.motion_targets_visible(tracks, visibility, visibility_threshold=t.visibility_threshold,
-                                              **kwargs)
+    @classmethod
+    def check_options(cls, options: ClipOptions, key: str, fail) -> None:
+        from pathlib import Path
 
-    def motion_stat(self, tracks: Tensor, visibility: Tensor | None = None) -> Tensor:
-        """tracks (B, T', G², 2) -> the binning statistic (B, side²) alone (motion-aware masking, no motion target);
-        over visible steps only when target.drop_invisible."""
-        return kernels.motion_token_stat(tracks, tokens_side=self.tokens_side, visibility=self._visibility(visibility),
-                                         visibility_threshold=self.cfg.target.visibility_threshold)
+        if options.checkpoint and not Path(options.checkpoint).expanduser().is_file():
+            fail(f"{key}.checkpoint", options.checkpoint, "file not found")
 
-    def spatial(self, frames_u8: Tensor, masked_idx: Tensor) -> Tensor | None:
-        """frames_u8 (B, T, H, W, 3) -> (B, M, spatial_dim) at `masked_idx`."""
-        if self.cfg.target.spatial == "pixel":
-            return kernels.pixel_targets(frames_u8, masked_idx, tubelet=self.tubelet, patch=self.patch,
-                                         layout="BTHWC", normalize=self.cfg.target.normalize_pixels)
-        if self.cfg.target.spatial == "clip":
-            features = self.teacher(frames_u8[:, :: self.tubelet])
-            return kernels.gather_tokens(features, masked_idx)
-        return None
+    def prepare(self, inputs: TargetInputs) -> Prepared:
+        return Prepared(values=self.teacher(inputs.frames_u8[:, :: self.ctx.tubelet]))

@@ -45,7 +45,7 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -63,6 +63,7 @@ from ..masking import MaskGenerator
 from ..metrics import IntervalTimer
 from ..pipeline import BatchPreparer, TrainBatch, build_batch_preparer
 from ..stop_signal import StopSignal
+from ..targets import TargetBuilder
 
 if TYPE_CHECKING:
     from ..engine import RunSummary
@@ -202,10 +203,11 @@ def header_words(samples: int) -> int:
     return _FIXED + samples + samples * MAX_SKIP_WIDTH + TEXT_BYTES // 8
 
 
-def batch_schema(cfg: TrainConfig, *, spatial_dim: int | None, motion_dim: int | None,
+def batch_schema(cfg: TrainConfig, *, dims: dict[str, int], validity: dict[str, str],
                  device: torch.device) -> BatchSchema:
-    """The schema of a config's batches. The target widths come from the tracking rank's `TargetBuilder` (a CLIP
-    teacher's width is known once it is loaded); everything else follows from the config."""
+    """The schema of a config's batches. The target widths (`dims`, name -> values per token) and which targets carry
+    a validity (`validity`, name -> "value" | "token") come from the tracking rank's `TargetBuilder`; everything
+    else follows from the config."""
     side = tokens_per_side(cfg)
     slots = cfg.data.num_frames // cfg.model.tubelet_size
     masks = MaskGenerator(cfg.mask, tokens_per_frame=side * side, num_slots=slots, seed=cfg.seed, rank=0)
@@ -218,12 +220,11 @@ def batch_schema(cfg: TrainConfig, *, spatial_dim: int | None, motion_dim: int |
     specs = [TensorSpec("patches", (clips, visible, patch_dim), patch_dtype),
              TensorSpec("visible_idx", (clips, visible), torch.int64),
              TensorSpec("masked_idx", (clips, masked), torch.int64)]
-    if spatial_dim is not None:
-        specs.append(TensorSpec("spatial_target", (clips, masked, spatial_dim), torch.float32))
-    if motion_dim is not None:
-        specs.append(TensorSpec("motion_target", (clips, masked, motion_dim), torch.float32))
-        if cfg.target.drop_invisible:
-            specs.append(TensorSpec("motion_valid", (clips, masked, motion_dim), torch.bool))
+    for name, dim in dims.items():
+        specs.append(TensorSpec(f"target.{name}", (clips, masked, dim), torch.float32))
+    for name, kind in validity.items():
+        shape = (clips, masked) if kind == "token" else (clips, masked, dims[name])
+        specs.append(TensorSpec(f"valid.{name}", shape, torch.bool))
     size = cfg.data.input_size
     frames = TensorSpec("frames_u8", (1, cfg.data.num_frames, size, size, 3), torch.uint8)
     return BatchSchema(tensors=tuple(specs), samples=cfg.batch_size, frames=frames)
@@ -432,9 +433,10 @@ class Link:
                    with_frames: bool) -> _Pending:
         """Send a prepared batch: its header, then its tensors in schema order."""
         sent = {spec.name for spec in schema.tensors} | set(_HOST_FIELDS) | {schema.frames.name}
-        for f in fields(batch):
-            if f.name not in sent and getattr(batch, f.name) is not None:
-                raise RuntimeError(f"TrainBatch.{f.name} does not travel to the training ranks: add it to "
+        items = batch.tensor_items()
+        for name, value in items.items():
+            if name not in sent and value is not None:
+                raise RuntimeError(f"TrainBatch.{name} does not travel to the training ranks: add it to "
                                    f"trackmae_stream/tracks/remote.py's batch_schema")
         header = self.new_header(Word.BATCH)
         header[2], header[3], header[4], header[5] = k, *position
@@ -452,7 +454,7 @@ class Link:
             header[start:start + self.samples * width] = batch.skipped.reshape(-1)
         tensors = []
         for spec in schema.tensors:
-            tensors.append(_checked(getattr(batch, spec.name), spec, self.device))
+            tensors.append(_checked(items.get(spec.name), spec, self.device))
         if with_frames:
             if batch.frames_u8 is None:
                 raise RuntimeError("the training rank asked for the picture frames, but the preparer kept none")
@@ -520,10 +522,8 @@ def unpack_batch(incoming: Incoming, schema: BatchSchema) -> TrainBatch:
         start = _FIXED + schema.samples
         skipped = header[start:start + schema.samples * width].clone().view(schema.samples, width)
     values: dict[str, Any] = {spec.name: incoming.tensors[spec.name] for spec in schema.tensors}
-    return TrainBatch(patches=values["patches"], visible_idx=values["visible_idx"], masked_idx=values["masked_idx"],
-                      spatial_target=values.get("spatial_target"), motion_target=values.get("motion_target"),
-                      skipped=skipped, source_index=source_index, motion_valid=values.get("motion_valid"),
-                      frames_u8=incoming.tensors.get(schema.frames.name))
+    values.update(skipped=skipped, source_index=source_index, frames_u8=incoming.tensors.get(schema.frames.name))
+    return TrainBatch.from_tensor_items(values)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -535,19 +535,11 @@ class _Hello:
     batches_per_epoch: int
     num_videos: int
     dropped: int
-    spatial_dim: int | None
-    motion_dim: int | None
+    dims: dict[str, int]
+    validity: dict[str, str]
     tracker_gflop: float | None
     tracker: str | None
     description: str
-
-
-@dataclass
-class _Dims:
-    """What the model needs of the targets (the tracking rank's `TargetBuilder` holds the rest)."""
-
-    spatial_dim: int | None
-    motion_dim: int | None
 
 
 class _RemoteTracker:
@@ -566,7 +558,7 @@ class RemotePreparer:
     """Stands in for `BatchPreparer` on a training rank: the targets' widths, the masks' sizes, the tracker's name,
     and the trainer's picture question (asked when a batch is requested)."""
 
-    targets: _Dims
+    targets: TargetBuilder  # shapes and losses only (built without weights: no CLIP teacher here)
     masks: MaskGenerator
     tracker: _RemoteTracker | None
     picture_step: Callable[[int], bool] | None = None
@@ -634,8 +626,10 @@ class RemoteBatches:
                               num_slots=cfg.data.num_frames // cfg.model.tubelet_size, seed=cfg.seed,
                               rank=self.dist.rank)
         tracker = _RemoteTracker(hello.tracker, hello.tracker_gflop) if hello.tracker else None
-        self._preparer = RemotePreparer(targets=_Dims(hello.spatial_dim, hello.motion_dim), masks=masks,
-                                        tracker=tracker)
+        targets = TargetBuilder(cfg, self.device, needs=masks.needs, load=False)
+        if targets.dims != hello.dims:
+            raise RuntimeError(f"the tracking rank's target widths {hello.dims} differ from this rank's {targets.dims}")
+        self._preparer = RemotePreparer(targets=targets, masks=masks, tracker=tracker)
         return self._preparer
 
     def _receive_hello(self) -> _Hello:
@@ -648,11 +642,11 @@ class RemoteBatches:
         info = json.loads(header_text(header))
         gflop = float(header[14:15].view(torch.float64)[0])
         self._hello = _Hello(batches_per_epoch=h[0], num_videos=h[1], dropped=h[2],
-                             spatial_dim=None if h[3] < 0 else h[3], motion_dim=None if h[4] < 0 else h[4],
+                             dims=info["dims"], validity=info["validity"],
                              tracker_gflop=None if math.isnan(gflop) else gflop, tracker=info["tracker"],
                              description=info["description"])
-        self._schema = batch_schema(self.cfg, spatial_dim=self._hello.spatial_dim,
-                                    motion_dim=self._hello.motion_dim, device=self.device)
+        self._schema = batch_schema(self.cfg, dims=self._hello.dims, validity=self._hello.validity,
+                                    device=self.device)
         return self._hello
 
     # -- batches
@@ -696,7 +690,7 @@ class RemoteBatches:
         self._received += 1
         if self._dump is not None:
             self._dump.mkdir(parents=True, exist_ok=True)
-            torch.save({"position": incoming.position, **{f.name: _cpu(getattr(batch, f.name)) for f in fields(batch)}},
+            torch.save({"position": incoming.position, **{k: _cpu(v) for k, v in batch.tensor_items().items()}},
                        self._dump / f"rank{self.dist.rank}_batch{incoming.k:05d}.pt")
         return batch
 
@@ -844,7 +838,7 @@ class _Client:
 
     def hello(self) -> None:
         targets, tracker, cfg = self.preparer.targets, self.preparer.tracker, self.cfg
-        self.schema = batch_schema(cfg, spatial_dim=targets.spatial_dim, motion_dim=targets.motion_dim,
+        self.schema = batch_schema(cfg, dims=targets.dims, validity=targets.validity_shapes(),
                                    device=self.link.device)
         gflop = None
         if tracker is not None and hasattr(tracker, "gflop"):
@@ -852,11 +846,11 @@ class _Client:
             gflop = tracker.gflop(cfg.data.num_frames // cfg.model.tubelet_size, tracker_grid_size(cfg) ** 2, side,
                                   side)
         text = json.dumps({"tracker": tracker.name if tracker is not None else None,
-                           "description": self.data.description})
+                           "description": self.data.description, "dims": targets.dims,
+                           "validity": targets.validity_shapes()})
         header = self.link.new_header(Word.HELLO, text)
         header[9:14] = torch.tensor([self.data.batches_per_epoch, self.data.num_videos, self.data.skips.dropped,
-                                     -1 if targets.spatial_dim is None else targets.spatial_dim,
-                                     -1 if targets.motion_dim is None else targets.motion_dim])
+                                     -1, -1])  # words 3-4 are unused (the target widths travel in the text)
         header[14:15].view(torch.float64)[0] = math.nan if gflop is None else gflop
         self.sends.append(self.link.send_header(header))
 
