@@ -199,11 +199,11 @@ def render_clip(frames_u8: ArrayLike, masked_idx: ArrayLike, *, tubelet: int, pa
         frames_u8: (B, T, H, W, 3) uint8 RGB clip frames, the ones the batch's tokens were cut from (any device).
         masked_idx: (B, M) token indices of the masked tokens (`TrainBatch.masked_idx`); the rest are visible.
         tubelet, patch: the model's tubelet and patch size.
-        pred_spatial: (B, M, tubelet*patch*patch*3) the pixel decoder's output (`pred["spatial"]`), or None for no
+        pred_spatial: (B, M, tubelet*patch*patch*3) the pixel target's prediction (`pred["pixel"]`), or None for no
             reconstruction row (no spatial target, or CLIP features: they are not pixels).
-        motion_target, pred_motion: (B, M, 2*s*s) `TrainBatch.motion_target` and `pred["motion"]`; a row is drawn
-            for each one given.
-        motion_valid: (B, M, 2*s*s) bool `TrainBatch.motion_valid` (`target.drop_invisible`): target values outside
+        motion_target, pred_motion: (B, M, 2*s*s) `TrainBatch.targets["track_motion"]` and its prediction; a row is
+            drawn for each one given.
+        motion_valid: (B, M, 2*s*s) bool `TrainBatch.valid["track_motion"]` (`drop_invisible`): target values outside
             the loss are drawn as NO_DATA (the prediction there is drawn as it is: nothing constrains it).
         normalize_pixels: whether the pixel targets were per-patch normalised (`target.normalize_pixels`).
         clip: which clip of the batch; only that clip leaves the device.
