@@ -1,0 +1,129 @@
+"""Mask policies as plug-ins: the built-in tube and motion-aware policies equal the kernels they wrap; a deferred batch
+selected at a mask equals brute-force gathering; learned policies (AdaMAE, TATS-ref) train inside the trainer, keep
+their parameters, optimizer and draws in the checkpoint, and a resumed run is bit-exact with the uninterrupted one."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from test_train import SYN, read_log, tiny
+
+from trackmae_stream import kernels
+from trackmae_stream.checkpoint import load_checkpoint
+from trackmae_stream.config import MaskConfig, load_config
+from trackmae_stream.data import ensure_synthetic_dataset
+from trackmae_stream.engine import train
+from trackmae_stream.masking import (
+    MASK_POLICIES,
+    MaskGenerator,
+    MaskInputs,
+    mask_from_visible,
+    register_mask_policy,
+    unregister_mask_policy,
+)
+from trackmae_stream.pipeline import TrainBatch
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    return ensure_synthetic_dataset(tmp_path_factory.mktemp("synthetic") / "set", **SYN)
+
+
+def test_builtin_policies_equal_the_kernels_they_wrap():
+    gen = torch.Generator().manual_seed(2)
+    stat = torch.rand(3, 25, generator=gen) + 0.1
+    motion = MaskGenerator(MaskConfig(type="motion", ratio=0.7, rho=0.3), tokens_per_frame=25, num_slots=3, seed=9,
+                           rank=2)
+    got = motion(5, 3, torch.device("cpu"), side={"motion_stat": stat})
+    ref = kernels.motion_aware_mask(stat, num_frames=3, mask_ratio=0.7, rho=0.3, seed=9, step=5, rank=2)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref)) and motion.needs == ("motion_stat",)
+    tube = MaskGenerator(MaskConfig(type="tube", ratio=0.7), tokens_per_frame=25, num_slots=3, seed=9, rank=2)
+    got = tube(5, 3, torch.device("cpu"))
+    ref = kernels.tube_mask(3, tokens_per_frame=25, num_frames=3, mask_ratio=0.7, seed=9, step=5, rank=2)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref)) and tube.needs == () and not tube.learned
+    assert tube.num_visible == 3 * (25 - int(0.7 * 25))
+
+
+def test_a_registered_policy_is_one_class():
+    class EveryOther(MASK_POLICIES["tube"]):
+        name = "every_other_test"
+
+        def __call__(self, inputs: MaskInputs):
+            g = self.geometry
+            visible = torch.arange(0, 2 * g.num_visible, 2).expand(inputs.batch, -1)
+            return mask_from_visible(visible, g.num_tokens)
+
+    register_mask_policy(EveryOther)
+    try:
+        cfg = load_config("default", ["mask.type=every_other_test", "target.track_motion=false",
+                                      "data.num_frames=4", "data.input_size=64"])
+        masks = MaskGenerator(cfg.mask, tokens_per_frame=16, num_slots=2, seed=0, rank=0)
+        out = masks(0, 2, torch.device("cpu"))
+        assert out.visible_idx.tolist()[0] == [0, 2, 4, 6] and out.masked_idx.shape == (2, 28)
+    finally:
+        unregister_mask_policy("every_other_test")
+
+
+def test_deferred_batches_select_like_a_brute_force_gather():
+    gen = torch.Generator().manual_seed(4)
+    b, n, v = 3, 13, 5
+    visible = torch.stack([torch.randperm(n, generator=gen)[:v] for _ in range(b)])
+    mask = mask_from_visible(visible, n)
+    assert torch.equal(mask.visible_idx, visible.sort(1).values)
+    batch = TrainBatch(patches=torch.randn(b, n, 7, generator=gen), visible_idx=None, masked_idx=None,
+                       targets={"x": torch.randn(b, n, 3, generator=gen)}, valid={"x": torch.rand(b, n) > 0.5},
+                       skipped=None, source_index=None)
+    got = batch.select(mask)
+    for i in range(b):
+        vis = [j for j in range(n) if j in visible[i].tolist()]
+        msk = [j for j in range(n) if j not in vis]
+        assert got.visible_idx[i].tolist() == vis and got.masked_idx[i].tolist() == msk
+        assert torch.equal(got.patches[i], batch.patches[i, vis])
+        assert torch.equal(got.targets["x"][i], batch.targets["x"][i, msk])
+        assert torch.equal(got.valid["x"][i], batch.valid["x"][i, msk])
+
+
+@pytest.mark.parametrize("policy", ["adamae", "tats_ref"])
+def test_learned_policy_resume_is_bit_exact(synthetic, tmp_path, policy):
+    """4 steps straight vs 2 + resume + 2 (3 batches per epoch: the resume lands mid-epoch): the same MAE weights,
+    MAE optimizer state, sampler weights, sampler optimizer state and losses, bit for bit."""
+    extra = {"target.track_motion": False, "mask.type": policy, "mask.ratio": 0.75, "optim.max_steps": 4}
+    if policy == "tats_ref":
+        extra.update({"mask.options.warmup_steps": 1, "mask.options.epochs": 2})
+    straight = train(load_config("default", tiny(synthetic, tmp_path, run_name="straight", **extra)))
+    ckpts = straight.run_dir / "checkpoints"
+    resumed_dir = straight.run_dir.parent / "resumed"
+    shutil.copytree(straight.run_dir, resumed_dir)
+    (resumed_dir / "checkpoints" / "checkpoint-00000004.pt").unlink()
+    resumed = train(load_config("default", tiny(synthetic, tmp_path, run_name="resumed", resume="auto", **extra)))
+    assert any(r.get("event") == "resume" and r["step"] == 2 for r in read_log(resumed_dir))
+    a, b = load_checkpoint(ckpts / "checkpoint-00000004.pt"), load_checkpoint(resumed.last_checkpoint)
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    pa, pb = a["mask_policy"], b["mask_policy"]
+    assert pa["name"] == policy and pa["model"].keys() == pb["model"].keys()
+    start = load_checkpoint(ckpts / "checkpoint-00000002.pt")["mask_policy"]["model"]
+    moved = False
+    for key in pa["model"]:
+        assert torch.equal(pa["model"][key], pb["model"][key]), key
+        moved |= not torch.equal(pa["model"][key], start[key])
+    assert moved, "the sampler did not train between steps 2 and 4"
+    assert len(pa["optimizer"]["state"]) > 0
+    for sa, sb in zip(pa["optimizer"]["state"].values(), pb["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert a["loss_history"] == b["loss_history"]
+    logged = [r for r in read_log(straight.run_dir) if "loss" in r]
+    assert all(any(k.startswith("mask_") for k in r) for r in logged)
+
+
+def test_a_learned_policy_refuses_a_checkpoint_without_its_state(synthetic, tmp_path):
+    args = tiny(synthetic, tmp_path, run_name="plain", **{"target.track_motion": False, "mask.type": "tube",
+                                                          "optim.max_steps": 2})
+    plain = train(load_config("default", args))
+    learned = tiny(synthetic, tmp_path, run_name="plain", resume=str(plain.last_checkpoint),
+                   **{"target.track_motion": False, "mask.type": "adamae", "optim.max_steps": 3})
+    with pytest.raises(Exception, match="learned mask policy"):
+        train(load_config("default", learned))
