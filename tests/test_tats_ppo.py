@@ -38,6 +38,15 @@ from trackmae_stream.methods.tats import (
 N, K, B = 7, 3, 5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: one intra-op thread is ~25x faster than two on a loaded 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _random_policy(seed: int, batch: int = B, tokens: int = N) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.log_softmax(torch.randn(batch, tokens, generator=g, dtype=torch.float64) * 1.3, dim=1)
@@ -444,3 +453,62 @@ def test_cuda_matches_cpu_and_never_syncs():
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(rollout.mask.visible_idx.cpu(), expected.mask.visible_idx)
     assert torch.isfinite(stats.total).item()
+
+
+# ---------------------------------------------------------------------------------------------- the synthetic set
+
+
+def test_group_normalisation_matches_loops():
+    g = torch.Generator().manual_seed(20)
+    reward = torch.rand(12, generator=g, dtype=torch.float64)
+    got = normalise_reward(reward, group_size=4)
+    for start in range(0, 12, 4):
+        r = reward[start:start + 4].tolist()
+        mean = sum(r) / 4
+        std = math.sqrt(sum((x - mean) ** 2 for x in r) / 4)
+        assert got[start:start + 4].tolist() == pytest.approx([(x - mean) / (std + 1e-8) for x in r], abs=1e-5)
+    with pytest.raises(ValueError):
+        normalise_reward(reward, group_size=5)
+
+
+def _synthetic_motion_energy(clips: int, size: int = 64, frames: int = 16) -> torch.Tensor:
+    """Per-token motion statistic of clips rendered by the project's synthetic set: mean squared difference between
+    the two frames of each 2x16x16 tubelet, (clips, 8 * (size/16)**2) in token order t*S + s."""
+    import numpy as np
+
+    from trackmae_stream.data.synthetic import render_clip, sample_clip
+
+    video = np.stack([render_clip(*sample_clip(np.random.default_rng(i), i % 4, size, frames, task="legacy"))
+                      for i in range(clips)])
+    x = torch.from_numpy(video).float().div(255)  # (B, T, H, W, C)
+    diff = (x[:, 1::2] - x[:, 0::2]).square().mean(-1)  # (B, T/2, H, W)
+    side = size // 16
+    return diff.reshape(clips, frames // 2, side, 16, side, 16).mean((3, 5)).reshape(clips, -1)
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_policy_gradient_on_the_synthetic_set_points_to_masking_moving_tokens(group_size):
+    """On clips of the synthetic set, with the per-token error taken as 0.2 + the token's motion energy (relative),
+    the PPO objective's gradient for a policy logits = w * f (f the clip-standardised log motion energy) at the
+    uniform policy (w = 0), averaged over 120 rollouts, asks for w < 0: less visibility for moving tokens. Within-clip
+    groups (G = 4 masks per clip) make the estimate far less noisy than normalising over different clips."""
+    energy = _synthetic_motion_energy(24)
+    log_energy = energy.clamp_min(1e-6).log()
+    feature = (log_energy - log_energy.mean(1, keepdim=True)) / log_energy.std(1, keepdim=True)
+    errors = 0.2 + energy / energy.mean()
+    grads = []
+    for step in range(120):
+        g = torch.Generator().manual_seed(step)
+        clips = torch.randperm(24, generator=g)[:16 // group_size].repeat_interleave(group_size)
+        w = torch.zeros(1, requires_grad=True)
+        log_probs = torch.log_softmax(w * feature[clips], dim=1)
+        order = torch.stack([torch.randperm(128, generator=g)[:13] for _ in clips])  # uniform policy's draws
+        masked = torch.ones(len(clips), 128, dtype=torch.bool).scatter_(1, order, False)
+        reward = (errors[clips] * masked).sum(1) / masked.sum(1)
+        adv = normalise_reward(reward, group_size=group_size)
+        log_prob = log_prob_independent(log_probs, order)
+        loss = ppo_policy_loss(ppo_ratio(log_prob, log_prob.detach()), adv)
+        grads.append(torch.autograd.grad(loss, w)[0].item())
+    mean = sum(grads) / len(grads)
+    stderr = math.sqrt(sum((x - mean) ** 2 for x in grads) / (len(grads) - 1) / len(grads))
+    assert mean > 4 * stderr, (mean, stderr)  # descent lowers w (measured: G=1 6.3, G=4 43 standard errors)

@@ -268,7 +268,7 @@ def ppo_update(sampler: TATSSampler, optimizer: torch.optim.Optimizer, rollout: 
 
     Touches only the sampler's parameters (its state is detached), so call it after the MAE's own step. No host syncs.
     """
-    target = normalise_reward(reward)
+    target = normalise_reward(reward, group_size=cfg.group_size)
     adv = advantage(target, rollout.old_value)
     for _ in range(cfg.epochs):
         out = sampler(rollout.state)
