@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import device_name, device_tag, print_table, synchronize, write_results  # noqa: E402
 
-from trackmae_stream.config import load_config, motion_weight  # noqa: E402
+from trackmae_stream.config import load_config  # noqa: E402
 from trackmae_stream.engine import build_model, compute_losses  # noqa: E402
 from trackmae_stream.metrics import IntervalTimer, peak_tflops  # noqa: E402
 from trackmae_stream.model import forward_flops, resolve_backend  # noqa: E402
@@ -71,12 +71,11 @@ def main(argv=None) -> int:
     optimizer = build_optimizer(model, cfg.optim, 1e-4)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.precision == "bf16"
                 else torch.autocast("cpu", enabled=False))
-    lam = motion_weight(cfg.target)
 
     def train_step(batch) -> None:
         with autocast:
             pred = model(batch.patches, batch.visible_idx, batch.masked_idx)
-            loss = compute_losses(pred, batch, lam)["loss"]
+            loss = compute_losses(pred, batch, preparer.targets)["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -127,3 +127,44 @@ def test_a_learned_policy_refuses_a_checkpoint_without_its_state(synthetic, tmp_
                    **{"target.track_motion": False, "mask.type": "adamae", "optim.max_steps": 3})
     with pytest.raises(Exception, match="learned mask policy"):
         train(load_config("default", learned))
+
+
+def _ranks_worker(rank: int, port: int, policy: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(100 + rank)  # the trainer seeds every rank differently: the policy must not differ
+        cfg = load_config("default", ["target.track_motion=false", f"mask.type={policy}", "mask.ratio=0.75",
+                                      "mask.options.num_heads=2"]).mask
+        masks = MaskGenerator(cfg, tokens_per_frame=16, num_slots=2, seed=0, rank=rank, embed_dim=12)
+        masks.policy.setup(torch.device("cpu"))
+        gen = torch.Generator().manual_seed(rank)  # each rank sees other clips
+        for step in range(2):
+            tokens = torch.randn(3, 32, 12, generator=gen, requires_grad=True)
+            mask, aux = masks.policy.sample(MaskInputs(step=step, batch=3, device=torch.device("cpu"), tokens=tokens))
+            error = torch.rand(3, mask.masked_idx.shape[1], generator=gen)
+            extra = masks.policy.mae_loss(aux, error, mask)
+            if extra is not None:
+                extra.backward()
+            masks.policy.update(aux, error, mask, step)
+        flat = torch.cat([p.detach().reshape(-1) for p in masks.policy.parameters()])
+        gathered = [torch.empty_like(flat) for _ in range(2)]
+        torch.distributed.all_gather(gathered, flat)
+        if rank == 0:
+            torch.save(gathered, out)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("policy", ["adamae", "tats_ref"])
+def test_learned_policies_stay_identical_across_ranks(tmp_path, policy):
+    """Two gloo ranks, different seeds and different clips: after two updates both hold the same policy (rank 0's
+    initial parameters broadcast, gradients averaged as they accumulate)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "params.pt"
+    torch.multiprocessing.spawn(_ranks_worker, args=(port, policy, str(out)), nprocs=2, join=True)
+    first, second = torch.load(out)
+    assert torch.equal(first, second)

@@ -342,6 +342,12 @@ def needs_tracks(cfg: TrainConfig) -> bool:
                if s in targets.SIDE_OUTPUT_PROVIDERS)
 
 
+def is_learned_policy(name: str) -> bool:
+    from . import masking
+
+    return name in masking.MASK_POLICIES and masking.MASK_POLICIES[name].learned
+
+
 def resolve_mask(cfg: MaskConfig) -> MaskConfig:
     """Fill the policy's options (`mask.options.<key>`) from its declared defaults; ConfigError names the key."""
     from . import masking
@@ -471,6 +477,9 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("tracker.store_size", t.store_size, "must be >= 16 pixels")
     if t.placement == "store" and cfg.data.loader != "cpu":
         _fail("tracker.placement", t.placement, "the track store reads through the CPU loader: set data.loader=cpu")
+    if t.placement == "ranks" and is_learned_policy(cfg.mask.type):
+        _fail("mask.type", cfg.mask.type, "a learned mask policy draws its masks in the training step; it cannot "
+                                          "run with tracker.placement='ranks' (use inline or store)")
     if t.placement == "ranks" and t.tracking_ranks < 1:
         _fail("tracker.tracking_ranks", t.tracking_ranks, "must be >= 1 with tracker.placement='ranks'")
     if cfg.visualize_every < 0:

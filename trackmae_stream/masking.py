@@ -194,8 +194,25 @@ class LearnedMaskPolicy(MaskPolicy, nn.Module):
         return torch.optim.AdamW(self.parameters(), lr=getattr(self.options, "lr", 1e-4), weight_decay=0.0)
 
     def setup(self, device: torch.device) -> None:
+        """Move to the device and build the optimizer. Under torch.distributed rank 0's initial parameters are
+        broadcast, and every gradient of the policy is averaged over the ranks as it is accumulated (a hook per
+        parameter), so every rank keeps the same policy whichever optimizer steps it (`step_optimizer`, or PPO
+        epochs of its own)."""
         self.to(device)
         self.optimizer = self.build_optimizer()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            with torch.no_grad():
+                for tensor in list(self.parameters()) + list(self.buffers()):
+                    dist.broadcast(tensor, src=0)
+
+            def average(param: Tensor) -> None:
+                dist.all_reduce(param.grad)
+                param.grad.div_(world)
+
+            for param in self.parameters():
+                param.register_post_accumulate_grad_hook(average)
 
     def sample(self, inputs: MaskInputs) -> tuple[MaskOutput, Any]:
         raise NotImplementedError
@@ -212,18 +229,8 @@ class LearnedMaskPolicy(MaskPolicy, nn.Module):
         return {}
 
     def step_optimizer(self) -> None:
-        params = [p for p in self.parameters() if p.grad is not None]
-        if not params:
-            return
-        if torch.distributed.is_available() and torch.distributed.is_initialized() and \
-                torch.distributed.get_world_size() > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            torch.distributed.all_reduce(flat)
-            flat /= torch.distributed.get_world_size()
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
+        """Step the own optimizer on the gradients accumulated so far (already averaged over ranks), then clear
+        them."""
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
