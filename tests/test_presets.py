@@ -69,3 +69,35 @@ def test_vit_b_form_of_each_preset(preset, tmp_path):
                                            "tracker.backend=lucas-kanade"])
     assert cfg.model.embed_dim == 768 and cfg.model.depth == 12 and cfg.data.input_size == 224
     assert list(cfg.target.enabled()) == targets and cfg.mask.type == policy
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_a_training_step_of_each_preset_never_syncs_the_host(preset, synthetic, tmp_path, teacher):
+    """On CUDA, one optimizer step of every method (targets on the side stream, learned policies' sampling and
+    updates included) runs under torch's sync debug mode "error" after a warm-up step."""
+    from trackmae_stream.engine import Trainer, _IntervalState
+    from trackmae_stream.pipeline import StreamingPrefetcher
+
+    extra = {"device": "cuda", "tracker.iters": 1, "run_name": preset}
+    if preset == "trackmae_clip":
+        extra.update({"target.clip.model": "vit_tiny_patch16_224.augreg_in21k", "target.clip.checkpoint": teacher})
+    if preset == "tats_ref":
+        extra.update({"mask.options.warmup_steps": 1, "mask.options.epochs": 1})
+    trainer = Trainer(load_config(preset, tiny(synthetic, tmp_path, **extra)))
+    try:
+        trainer.data.set_position(0, 0)
+        policy_keys = [f"mask_{k}" for k in getattr(trainer.masks.policy, "log_keys", ())]
+        state = _IntervalState(trainer.device, trainer.targets.names, policy_keys)
+        batches = StreamingPrefetcher(trainer.data.loader, trainer.preparer, start_step=0, timer=state.timer,
+                                      stream=trainer.side_stream)
+        trainer._train_step(batches, state)  # warm-up (and the end of TATS-ref's uniform warm-up)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            trainer._train_step(batches, state)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        batches.close()
+    finally:
+        trainer.close()
