@@ -249,12 +249,17 @@ def _topmost_cover(points: np.ndarray, centres: np.ndarray, angles: np.ndarray, 
     return _topmost_cover_copy(points, centres, angles, motion)[0]
 
 
-def compute_tracks(motion: ClipMotion, query_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact tracks (T, P, 2) float32 and visibility (T, P) bool of frame-0 points `query_xy` (P, 2)."""
+def compute_tracks(motion: ClipMotion, query_xy: np.ndarray,
+                   frames: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact tracks (T, P, 2) float32 and visibility (T, P) bool of points `query_xy` (P, 2) queried at frame
+    `frames[0]`, at the frame numbers `frames` (T,) (default: every frame, queried at frame 0). The numbers may be
+    any reals, e.g. a clip's sampled frames; the motion is defined at every time."""
     query = np.asarray(query_xy, dtype=np.float64)
     if query.ndim != 2 or query.shape[1] != 2:
         raise ValueError(f"query_xy must have shape (P, 2), got {query.shape}")
-    t = np.arange(motion.num_frames)
+    t = np.arange(motion.num_frames) if frames is None else np.asarray(frames, dtype=np.float64).reshape(-1)
+    if len(t) == 0:
+        raise ValueError("frames must hold at least the query frame")
     camera = motion.camera(t)  # (T, 2)
     centres, angles = motion.object_poses(t)
     owner, owner_copy = (a[0] for a in _topmost_cover_copy(query[None], centres[:1], angles[:1], motion))  # (P,)
