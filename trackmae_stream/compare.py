@@ -142,6 +142,7 @@ class Comparison:
         self.shared = [*BUDGETS[budget]["overrides"], *extra, *_RUN_KEYS,
                        f"data.synthetic_dir={out / 'sets'}"]
         self._records = None
+        self._clips: dict = {}  # decoded evaluation clips, shared by every probe of the comparison
 
     def config(self, preset: str, overrides: list[str], seed: int, run_name: str):
         return load_config(preset, [*overrides, *self.shared, f"seed={seed}", f"run_name={run_name}",
@@ -174,7 +175,7 @@ class Comparison:
         last = _last_record(summary.run_dir)
         encoder = build_encoder(cfg, seed=seed)
         load_encoder_state(encoder, load_checkpoint(summary.last_checkpoint)["model"], str(summary.last_checkpoint))
-        result = probe_encoder(encoder, cfg, *self.records(cfg))
+        result = probe_encoder(encoder, cfg, *self.records(cfg), cache=self._clips)
         return {"arm": arm, "preset": preset, "overrides": overrides, "seed": seed, "train_seconds": seconds,
                 "steps": summary.step, "final": {k: v for k, v in last.items() if k.startswith(("rel_", "loss"))},
                 **_probe_summary(result)}
@@ -183,7 +184,7 @@ class Comparison:
         from .probe import build_encoder, probe_encoder
 
         cfg = self.config("default", [], seed, "random-init")
-        result = probe_encoder(build_encoder(cfg, seed=seed), cfg, *self.records(cfg))
+        result = probe_encoder(build_encoder(cfg, seed=seed), cfg, *self.records(cfg), cache=self._clips)
         return {"arm": "random_init", "seed": seed, **_probe_summary(result)}
 
     def run_supervised(self, seed: int) -> dict:

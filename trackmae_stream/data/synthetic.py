@@ -233,11 +233,12 @@ def _topmost_cover_copy(points: np.ndarray, centres: np.ndarray, angles: np.ndar
     top_copy = np.zeros(points.shape[:2], dtype=np.int64)
     copies = motion.copy_centres(centres)  # (T, K, M, 2)
     for k in range(len(motion.object_shape)):  # increasing k = drawn later = on top
-        for m in range(copies.shape[2]):  # copies of one object never overlap: their order does not matter
-            local = _rotate(points - copies[:, None, k, m], -angles[:, None, k])
-            inside = _signed_distance(local, int(motion.object_shape[k]), motion.object_half_axes[k]) > 0
-            top[inside] = k
-            top_copy[inside] = m
+        # all copies at once (T, P, M); copies of one object never overlap, so at most one holds a point
+        local = _rotate(points[:, :, None] - copies[:, None, k], -angles[:, None, None, k])
+        inside = _signed_distance(local, int(motion.object_shape[k]), motion.object_half_axes[k]) > 0
+        covered = inside.any(axis=-1)
+        top[covered] = k
+        top_copy[covered] = inside.argmax(axis=-1)[covered]
     return top, top_copy
 
 
