@@ -559,7 +559,7 @@ class Trainer:
         cfg = self.cfg
         slots = cfg.data.num_frames // cfg.model.tubelet_size
         source = self.preparer.track_source
-        if source is None:
+        if getattr(source, "stats", None) is None:  # tracked inline (or computed: synthetic_gt), not stored
             side = cfg.data.input_size
             gflop = self.tracker.gflop(slots, tracker_grid_size(cfg) ** 2, side, side)
             return {} if gflop is None else {"tracker_gflop_per_clip": gflop}

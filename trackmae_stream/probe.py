@@ -271,23 +271,33 @@ def read_eval_clip(path: str | Path, *, num_frames: int, sampling_rate: int, inp
 
 
 class EvalClips(torch.utils.data.Dataset):
-    """Each video's fixed evaluation clip (`read_eval_clip`), or why it cannot be decoded."""
+    """Each video's fixed evaluation clip (`read_eval_clip`), or why it cannot be decoded.
 
-    def __init__(self, records: Sequence[VideoRecord], cfg: TrainConfig):
+    `cache` (a dict the caller keeps, used with in-process loading): decoded clips by (path, clip settings), for
+    callers that probe many encoders on the same clips (`trackmae_stream.compare`); the clips do not depend on the
+    encoder, so reusing them changes nothing but the time."""
+
+    def __init__(self, records: Sequence[VideoRecord], cfg: TrainConfig, cache: dict | None = None):
         self.records = list(records)
         d = cfg.data
         self.kwargs = dict(num_frames=d.num_frames, sampling_rate=d.sampling_rate, input_size=d.input_size,
                            decoder=d.decoder)
+        self.cache = cache
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
-        try:
-            clip = read_eval_clip(record.path, **self.kwargs)
-        except VideoDecodeError as error:  # caught in the worker: the reason travels as data
-            return {"index": index, "reason": error.reason}
+        key = (str(record.path), tuple(sorted(self.kwargs.items())))
+        clip = self.cache.get(key) if self.cache is not None else None
+        if clip is None:
+            try:
+                clip = read_eval_clip(record.path, **self.kwargs)
+            except VideoDecodeError as error:  # caught in the worker: the reason travels as data
+                return {"index": index, "reason": error.reason}
+            if self.cache is not None:
+                self.cache[key] = clip
         return {"index": index, "frames": torch.from_numpy(clip)[None],
                 "label": torch.tensor([record.label], dtype=torch.int64)}
 
@@ -306,12 +316,13 @@ def extract_features(encoder: VideoEncoder, loader, device: torch.device, mean: 
 
 
 def split_features(encoder: VideoEncoder, records: Sequence[VideoRecord], cfg: TrainConfig, split: str, *,
-                   batch_size: int = 8, workers: int = 0,
-                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, list[dict[str, str]]]:
+                   batch_size: int = 8, workers: int = 0, device: torch.device | str = "cpu",
+                   cache: dict | None = None) -> tuple[Tensor, Tensor, list[dict[str, str]]]:
     """Features and labels of the decodable videos of one split (fixed evaluation clips), and the excluded ones;
     ProbeError when none decodes."""
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(EvalClips(records, cfg), batch_size=batch_size, num_workers=workers,
+    loader = torch.utils.data.DataLoader(EvalClips(records, cfg, cache if workers == 0 else None),
+                                         batch_size=batch_size, num_workers=workers,
                                          collate_fn=list)
     excluded: list[dict[str, str]] = []
     feats, labels = [], []
@@ -347,12 +358,12 @@ def check_classes(train_y: Tensor, val_y: Tensor) -> None:
 def probe_encoder(encoder: VideoEncoder, cfg: TrainConfig, train_records: Sequence[VideoRecord],
                   val_records: Sequence[VideoRecord], *, batch_size: int = 8, workers: int = 0,
                   weight_decay: float = 1e-3, knn_k: int = KNN_K, knn_temperature: float = KNN_TEMPERATURE,
-                  device: torch.device | str = "cpu") -> ProbeResult:
+                  device: torch.device | str = "cpu", cache: dict | None = None) -> ProbeResult:
     """Linear probe and k-NN of `encoder` (clips as `cfg.data` describes them, fixed windows) on the decodable videos
     of the two lists."""
     dev = torch.device(device)
     encoder = encoder.to(dev)
-    common = dict(batch_size=batch_size, workers=workers, device=dev)
+    common = dict(batch_size=batch_size, workers=workers, device=dev, cache=cache)
     # validation first: a split without one decodable video fails before the longer training split is encoded
     val_x, val_y, val_out = split_features(encoder, val_records, cfg, "val", **common)
     train_x, train_y, train_out = split_features(encoder, train_records, cfg, "train", **common)

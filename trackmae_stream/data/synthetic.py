@@ -233,11 +233,12 @@ def _topmost_cover_copy(points: np.ndarray, centres: np.ndarray, angles: np.ndar
     top_copy = np.zeros(points.shape[:2], dtype=np.int64)
     copies = motion.copy_centres(centres)  # (T, K, M, 2)
     for k in range(len(motion.object_shape)):  # increasing k = drawn later = on top
-        for m in range(copies.shape[2]):  # copies of one object never overlap: their order does not matter
-            local = _rotate(points - copies[:, None, k, m], -angles[:, None, k])
-            inside = _signed_distance(local, int(motion.object_shape[k]), motion.object_half_axes[k]) > 0
-            top[inside] = k
-            top_copy[inside] = m
+        # all copies at once (T, P, M); copies of one object never overlap, so at most one holds a point
+        local = _rotate(points[:, :, None] - copies[:, None, k], -angles[:, None, None, k])
+        inside = _signed_distance(local, int(motion.object_shape[k]), motion.object_half_axes[k]) > 0
+        covered = inside.any(axis=-1)
+        top[covered] = k
+        top_copy[covered] = inside.argmax(axis=-1)[covered]
     return top, top_copy
 
 
@@ -249,12 +250,17 @@ def _topmost_cover(points: np.ndarray, centres: np.ndarray, angles: np.ndarray, 
     return _topmost_cover_copy(points, centres, angles, motion)[0]
 
 
-def compute_tracks(motion: ClipMotion, query_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Exact tracks (T, P, 2) float32 and visibility (T, P) bool of frame-0 points `query_xy` (P, 2)."""
+def compute_tracks(motion: ClipMotion, query_xy: np.ndarray,
+                   frames: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Exact tracks (T, P, 2) float32 and visibility (T, P) bool of points `query_xy` (P, 2) queried at frame
+    `frames[0]`, at the frame numbers `frames` (T,) (default: every frame, queried at frame 0). The numbers may be
+    any reals, e.g. a clip's sampled frames; the motion is defined at every time."""
     query = np.asarray(query_xy, dtype=np.float64)
     if query.ndim != 2 or query.shape[1] != 2:
         raise ValueError(f"query_xy must have shape (P, 2), got {query.shape}")
-    t = np.arange(motion.num_frames)
+    t = np.arange(motion.num_frames) if frames is None else np.asarray(frames, dtype=np.float64).reshape(-1)
+    if len(t) == 0:
+        raise ValueError("frames must hold at least the query frame")
     camera = motion.camera(t)  # (T, 2)
     centres, angles = motion.object_poses(t)
     owner, owner_copy = (a[0] for a in _topmost_cover_copy(query[None], centres[:1], angles[:1], motion))  # (P,)

@@ -1,5 +1,6 @@
 """Point trackers behind one interface (`PointTracker`): CoTracker3 (our implementation of the official model) and a
-weight-free pyramidal Lucas-Kanade fallback for runs without a CoTracker3 checkpoint."""
+weight-free pyramidal Lucas-Kanade fallback for runs without a CoTracker3 checkpoint, and the synthetic set's exact
+tracks (synthetic_gt) to separate tracker quality from the method."""
 from __future__ import annotations
 
 import torch
@@ -31,6 +32,10 @@ def build_tracker(cfg: TrackerConfig, device: torch.device) -> PointTracker:
         from .lucas_kanade import LucasKanadeTracker
 
         tracker = LucasKanadeTracker(grid_rule=cfg.grid_rule)
+    elif backend == "synthetic_gt":
+        from .synthetic_gt import SyntheticGroundTruthTracker
+
+        tracker = SyntheticGroundTruthTracker(grid_rule=cfg.grid_rule)
     else:
         raise ValueError(f"tracker.backend={cfg.backend!r} is unknown")
     return tracker.to(device).eval().requires_grad_(False)
