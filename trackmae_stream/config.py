@@ -280,6 +280,9 @@ class TrainConfig:
     visualize_every: int = 0  # steps between pictures (frames, mask, reconstruction, motion) in TensorBoard and
     #                           <run>/pictures/; 0 = only at the end of the run
     peak_tflops: float | None = None  # for MFU; None = looked up from the device name
+    # after training (synthetic set only): linear probe and k-NN of the final encoder against the random-init one
+    # drawn from `seed`, on the set's fixed validation split (trackmae_stream.probe), printed with the `done:` line
+    probe_at_end: bool = False
     progress: bool = True
     tensorboard: bool = True
     preset: str = "default"  # informational: the preset this config came from
@@ -486,6 +489,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("visualize_every", cfg.visualize_every, "must be >= 0 (0: pictures only at the end of the run)")
     if cfg.keep_checkpoints < 1:
         _fail("keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
+    if cfg.probe_at_end and cfg.data.source != "synthetic":
+        _fail("probe_at_end", cfg.probe_at_end, "the probe at the end needs the synthetic set's labelled split "
+                                                "(data.source=synthetic); probe a list with python -m "
+                                                "trackmae_stream.probe CKPT --train-list ... --val-list ...")
     return cfg
 
 

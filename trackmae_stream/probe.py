@@ -449,6 +449,30 @@ def run_probe(checkpoint: str | Path | None, *, train_list: str | None = None, v
     return replace(result, meta=about)
 
 
+def against_random_init(checkpoint: str | Path, seed: int) -> str:
+    """The final encoder against the trainer's random initialisation from `seed`, probed on the same clips: the
+    lines `train` prints at the end of a run with probe_at_end."""
+    cache: dict = {}  # the random-init probe reuses the decoded evaluation clips
+    cfg, state = resolve_config(checkpoint, None)
+    train_records, val_records, source = eval_lists(cfg)
+    results = {}
+    for name, random_init in (("trained", False), ("random init", True)):
+        encoder = build_encoder(cfg, seed=seed)
+        if not random_init:
+            load_encoder_state(encoder, state["model"], source=str(checkpoint))
+        results[name] = probe_encoder(encoder, cfg, train_records, val_records, cache=cache)
+    trained, baseline = results["trained"], results["random init"]
+    chance = 1.0 / trained.num_classes
+    lines = [f"probe ({source}, {trained.num_val} validation clips, {trained.num_classes} classes, chance "
+             f"{chance:.1%}):"]
+    for name, r in results.items():
+        lines.append(f"  {name:<12} linear {Accuracy(r.val_correct, r.num_val)}  k-NN "
+                     f"{Accuracy(r.knn_correct, r.num_val)}")
+    lines.append(f"  trained - random init: linear {100 * (trained.top1 - baseline.top1):+.1f} points, k-NN "
+                 f"{100 * (trained.knn_top1 - baseline.knn_top1):+.1f} points [{INTERVAL_NOTE}]")
+    return "\n".join(lines)
+
+
 def format_result(result: ProbeResult, label: str) -> str:
     """Two lines: the linear probe and the k-NN, each with its interval."""
     val, train = Accuracy(result.val_correct, result.num_val), Accuracy(result.train_correct, result.num_train)
