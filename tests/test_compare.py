@@ -37,11 +37,21 @@ def test_paired_differences_are_taken_seed_by_seed():
     assert f"minus_{BASELINE}" not in table[BASELINE]["linear"]
 
 
-def test_track_reading_methods_get_one_arm_per_tracker_and_missing_presets_are_listed():
-    arms, skipped = method_arms(["videomae", "trackmae"], ["synthetic_gt", "lucas-kanade"])
-    assert set(arms) == {"videomae", "trackmae[synthetic_gt]", "trackmae[lucas-kanade]"}
-    assert "tracker.backend=lucas-kanade" in arms["trackmae[lucas-kanade]"][1]
-    assert not any("tracker.backend" in o for o in arms["videomae"][1])
+def test_track_reading_methods_get_one_arm_per_tracker_and_missing_presets_are_listed(monkeypatch):
+    from trackmae_stream import compare
+
+    arms, skipped = method_arms(["videomae", "trackmae", "trackmae_raw_motion"], ["synthetic_gt", "lucas-kanade"])
+    assert set(arms) == {"videomae", "trackmae[synthetic_gt]", "trackmae[lucas-kanade]",
+                         "trackmae_raw_motion[synthetic_gt]", "trackmae_raw_motion[lucas-kanade]"}
+    assert arms["trackmae[lucas-kanade]"] == ("trackmae", ["tracker.backend=lucas-kanade"])
+    assert arms["trackmae_raw_motion[synthetic_gt]"] == ("trackmae", ["target.track_motion.norm=none",
+                                                                      "tracker.backend=synthetic_gt"])
+    assert arms["videomae"] == ("videomae", []) and not skipped
+    monkeypatch.setitem(compare.METHODS, "future", compare.Method("no_such_preset", tracks=False))
+    arms, skipped = method_arms(["videomae", "future"], ["synthetic_gt"])
+    assert set(arms) == {"videomae"} and skipped and "no_such_preset.yaml" in skipped[0]
+    with pytest.raises(Exception, match="unknown method"):
+        method_arms(["nonsense"], ["synthetic_gt"])
 
 
 def test_ci_comparison_end_to_end_and_resume(tmp_path, capsys):
