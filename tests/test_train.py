@@ -55,7 +55,7 @@ def test_default_trains_loss_falls_and_leaves_checkpoint(synthetic, tmp_path):
     summary = train(cfg)
     records = read_log(summary.run_dir)
     start = records[0]
-    assert start["event"] == "start" and start["tracker"] == "lucas-kanade" and start["world_size"] == 1
+    assert start["event"] == "start" and start["tracker"] == "synthetic_gt" and start["world_size"] == 1
     losses = [r["loss"] for r in records if "loss" in r]
     assert len(losses) == 6
     assert losses[-1] < 0.8 * losses[0], losses

@@ -49,6 +49,8 @@ class Method:
     tracks: bool  # reads tracks: one arm per tracker
     overrides: tuple[str, ...] = ()  # a variant of the preset
     note: str = ""
+    # trackers the method cannot use, and why (shown as skipped arms)
+    unsupported_trackers: tuple[tuple[str, str], ...] = ()
 
 
 #: The methods compared, in table order. A method whose preset does not exist is skipped and listed.
@@ -58,7 +60,9 @@ METHODS: dict[str, Method] = {
                                                      "code), motion-aware masking"),
     "trackmae_raw_motion": Method("trackmae", tracks=True, overrides=("target.track_motion.norm=none",),
                                   note="trackmae with the motion target in pixels (no per-token normalisation)"),
-    "mme": Method("mme", tracks=True, note="MME: trajectory + HOG targets"),
+    "mme": Method("mme", tracks=True, note="MME: trajectory + HOG targets",
+                  unsupported_trackers=(("synthetic_gt", "mme_traj re-tracks each tubelet's frame pair through the "
+                                                         "tracker's pixel interface, which synthetic_gt lacks"),)),
     "motionmae_ref": Method("motionmae_ref", tracks=False, note="MotionMAE reference design: frame differences"),
     "adamae": Method("adamae", tracks=False, note="AdaMAE learned sampler"),
     "tats_ref": Method("tats_ref", tracks=False, note="TATS-style PPO sampler (reference design)"),
@@ -117,7 +121,11 @@ def method_arms(methods: list[str], trackers: list[str]) -> tuple[dict[str, tupl
             continue
         preset, overrides = method.preset, list(method.overrides)
         if method.tracks:
+            unsupported = dict(method.unsupported_trackers)
             for tracker in trackers:
+                if tracker in unsupported:
+                    skipped.append(f"{name}[{tracker}]: {unsupported[tracker]}")
+                    continue
                 arms[f"{name}[{tracker}]"] = (preset, [*overrides, f"tracker.backend={tracker}"])
         else:
             arms[name] = (preset, overrides)
@@ -157,6 +165,14 @@ class Comparison:
 
             self._records = eval_lists(cfg)[:2]
         return self._records
+
+    def collect(self) -> list[dict]:
+        """Every finished run of this budget in the folder, baselines first, then in METHODS order."""
+        found = [json.loads(p.read_text()) for p in sorted((self.out / "runs").glob("*/seed*.json"))]
+        found = [r for r in found if r.get("budget") == self.budget and r.get("shared") == self.shared]
+        order = ["random_init", "supervised", *METHODS]
+        return sorted(found, key=lambda r: (order.index(r["arm"].split("[")[0]) if r["arm"].split("[")[0] in order
+                                            else len(order), r["arm"], r["seed"]))
 
     def _done(self, arm: str, seed: int) -> dict | None:
         path = self.out / "runs" / arm / f"seed{seed}.json"
@@ -360,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per run (default: the CPU count divided by --jobs)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # "i/n": one of --jobs processes
+    parser.add_argument("--collect", action="store_true",
+                        help="run nothing: tabulate every finished run of this budget in --out (comparisons "
+                             "made by several commands, e.g. with different seeds per method)")
     parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                         help="override a key for every arm (repeatable)")
     args = parser.parse_args(argv)
@@ -384,7 +403,10 @@ def main(argv: list[str] | None = None) -> int:
             import torch
 
             torch.set_num_threads(threads)
-        results = comparison.run(arms, baselines=not args.no_baselines, run=args.jobs <= 1)
+        if args.collect:
+            results = comparison.collect()
+        else:
+            results = comparison.run(arms, baselines=not args.no_baselines, run=args.jobs <= 1)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
