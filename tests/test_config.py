@@ -96,7 +96,7 @@ def test_the_former_flat_target_layout_resolves_to_the_same_targets_and_run_iden
     from trackmae_stream.config import config_from_dict, to_dict
     from trackmae_stream.run_folder import run_identity
 
-    new = load_config("default")
+    new = load_config("trackmae")  # the public code's targets, which the former flat keys describe
     data = to_dict(new)
     data["target"] = dict(FORMER_TARGET_SECTION)
     old = config_from_dict(data)

@@ -310,7 +310,8 @@ class ScriptedTracker(PointTracker):
         return TrackerOutput(tracks=self.tracks, visibility=self.visibility)
 
 
-OVERRIDES = ["data.num_frames=8", "data.input_size=64", "batch_size=3", "seed=5"]
+OVERRIDES = ["data.num_frames=8", "data.input_size=64", "batch_size=3", "seed=5", "tracker.backend=lucas-kanade",
+             "target.motion_norm=patch"]
 
 
 def test_batch_preparer_masks_and_weights_follow_the_visibility():

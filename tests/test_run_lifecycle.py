@@ -108,7 +108,7 @@ def test_identity_ignores_speed_and_schedule_keys(synthetic, tmp_path):
     same = load_config("default", tiny(synthetic, tmp_path, **{"optim.lr": 1e-2, "batch_size": 2, "log_every": 1,
                                                                "tracker.precision": "bf16", "data.num_workers": 3}))
     assert identity_hash(run_identity(base)) == identity_hash(run_identity(same))
-    for key, value in (("mask.ratio", 0.8), ("target.motion_norm", "none"), ("model.depth", 3),
+    for key, value in (("mask.ratio", 0.8), ("target.motion_norm", "patch"), ("model.depth", 3),
                        ("data.input_size", 32), ("tracker.grid_rule", "naive"), ("target.drop_invisible", True)):
         changed = load_config("default", tiny(synthetic, tmp_path, **{key: value}))
         assert identity_hash(run_identity(changed)) != identity_hash(run_identity(base)), key

@@ -78,7 +78,8 @@ def test_ranks_placement_equals_inline_bit_for_bit(synthetic, tmp_path):
     epoch: every step drops an epoch tail, so the schedule's epoch, tail and accumulation rules are all exercised.
     Checked: (a) the batches each training rank received equal an inline preparation in this process, field by
     field (debug dump, TRACKMAE_REMOTE_DUMP); (b) final parameters, optimizer state and losses are bit-identical."""
-    common = {"optim.max_steps": 3, "batch_size": 1, "optim.accum_steps": 3, "log_every": 1, "ckpt_every": 100}
+    common = {"optim.max_steps": 3, "batch_size": 1, "optim.accum_steps": 3, "log_every": 1, "ckpt_every": 100,
+              "tracker.backend": "lucas-kanade"}  # auto would pick synthetic_gt inline but not with ranks
     dump = tmp_path / "dump"
     ranks_args = tiny(synthetic, tmp_path, **common, run_name="ranks", **{"tracker.placement": "ranks"})
     proc = _torchrun(3, ranks_args, **{remote.DUMP_ENV: str(dump)})

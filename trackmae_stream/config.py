@@ -56,8 +56,9 @@ class DataConfig:
 
 @dataclass
 class TrackerConfig:
-    # "auto": cotracker3 when a checkpoint is set, else lucas-kanade | "cotracker3" | "lucas-kanade" | "synthetic_gt"
-    # (exact tracks of the synthetic set, read from its files: separates tracker quality from the method)
+    # "auto": cotracker3 when a checkpoint is set, else synthetic_gt on the synthetic set tracked inline, else
+    # lucas-kanade (`resolve_tracker`) | "cotracker3" | "lucas-kanade" | "synthetic_gt" (exact tracks of the synthetic
+    # set, read from its files: separates tracker quality from the method)
     backend: str = "auto"
     checkpoint: str | None = None  # local CoTracker3 file (scaled_offline.pth) or "official" (hub download)
     sha256: str | None = None
@@ -280,8 +281,9 @@ class TrainConfig:
     visualize_every: int = 0  # steps between pictures (frames, mask, reconstruction, motion) in TensorBoard and
     #                           <run>/pictures/; 0 = only at the end of the run
     peak_tflops: float | None = None  # for MFU; None = looked up from the device name
-    # after training (synthetic set only): linear probe and k-NN of the final encoder against the random-init one
-    # drawn from `seed`, on the set's fixed validation split (trackmae_stream.probe), printed with the `done:` line
+    # after training on the synthetic set (ignored with a list: it has no fixed labelled split here; use python -m
+    # trackmae_stream.probe CKPT --train-list ... --val-list ...): linear probe and k-NN of the final encoder against
+    # the random-init one drawn from `seed`, on the set's fixed validation split, printed after the `done:` line
     probe_at_end: bool = False
     progress: bool = True
     tensorboard: bool = True
@@ -489,10 +491,6 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         _fail("visualize_every", cfg.visualize_every, "must be >= 0 (0: pictures only at the end of the run)")
     if cfg.keep_checkpoints < 1:
         _fail("keep_checkpoints", cfg.keep_checkpoints, "must be >= 1")
-    if cfg.probe_at_end and cfg.data.source != "synthetic":
-        _fail("probe_at_end", cfg.probe_at_end, "the probe at the end needs the synthetic set's labelled split "
-                                                "(data.source=synthetic); probe a list with python -m "
-                                                "trackmae_stream.probe CKPT --train-list ... --val-list ...")
     return cfg
 
 
@@ -657,6 +655,7 @@ def load_config(preset: str = "default", overrides: list[str] | None = None, *, 
     data.setdefault("preset", Path(preset).stem if preset.endswith((".yaml", ".yml")) else preset)
     cfg = _apply(TrainConfig(), data)
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), mask=resolve_mask(cfg.mask))
+    cfg = dataclasses.replace(cfg, tracker=resolve_tracker(cfg))
     return validate(cfg) if check else cfg
 
 
@@ -664,7 +663,24 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+def resolve_tracker(cfg: TrainConfig) -> TrackerConfig:
+    """tracker.backend=auto made concrete: cotracker3 when a checkpoint is set; on the synthetic set tracked inline,
+    its exact tracks (synthetic_gt: the only tracker whose motion target is right there, bench/results/
+    lk_accuracy_cpu.json); otherwise the weight-free lucas-kanade."""
+    t = cfg.tracker
+    if t.backend != "auto":
+        return t
+    if t.checkpoint:
+        backend = "cotracker3"
+    elif cfg.data.source == "synthetic" and t.placement == "inline":
+        backend = "synthetic_gt"
+    else:
+        backend = "lucas-kanade"
+    return dataclasses.replace(t, backend=backend)
+
+
 def config_from_dict(data: dict[str, Any], *, check: bool = True) -> TrainConfig:
     cfg = _apply(TrainConfig(), data)
     cfg = dataclasses.replace(cfg, model=resolve_model(cfg.model), mask=resolve_mask(cfg.mask))
+    cfg = dataclasses.replace(cfg, tracker=resolve_tracker(cfg))
     return validate(cfg) if check else cfg
