@@ -267,10 +267,13 @@ class Trainer:
         self.logger.event({"event": "resume", "checkpoint": str(path), "step": self.step, "changes": changes})
 
     def load_state(self, state: dict[str, Any], path: Path) -> None:
-        from .model.adapters import load_model_state
+        from .model.adapters import former_optimizer_state, is_former_layout, load_model_state
 
         load_model_state(self.raw_model, state["model"], source=str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer_state = state["optimizer"]
+        if is_former_layout(state["model"]):  # a checkpoint from before targets were plug-ins: re-index by name
+            optimizer_state = former_optimizer_state(optimizer_state, state["model"], self.raw_model)
+        self.optimizer.load_state_dict(optimizer_state)
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         saved_schedule = state.get("scheduler")
