@@ -341,6 +341,7 @@ class Trainer:
             "parameters": count_parameters(self.raw_model), "global_batch": self.global_batch,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "peak_lr": self.schedule.peak_lr,
             "visible_tokens": self.masks.num_visible, "train_gflop_per_clip": self.flops_per_clip / 1e9,
+            "targets": dict(self.targets.weights), "mask_policy": cfg.mask.type,
             "data": self.data.description, "videos": self.data.num_videos, "identity": identity_hash(self.identity),
         }
         if self.tracker is not None:
