@@ -168,3 +168,16 @@ def test_learned_policies_stay_identical_across_ranks(tmp_path, policy):
     torch.multiprocessing.spawn(_ranks_worker, args=(port, policy, str(out)), nprocs=2, join=True)
     first, second = torch.load(out)
     assert torch.equal(first, second)
+
+
+def test_rekeying_a_copied_generator_leaves_the_original_alone():
+    """tracker.placement=ranks serves each training rank from a shallow copy of one generator re-keyed by rank."""
+    import copy
+
+    base = MaskGenerator(MaskConfig(type="tube", ratio=0.75), tokens_per_frame=16, num_slots=2, seed=3, rank=0)
+    other = copy.copy(base)
+    other.rank = 1
+    assert base.rank == 0 and other.rank == 1
+    a, b = base(4, 2, torch.device("cpu")), other(4, 2, torch.device("cpu"))
+    ref = kernels.tube_mask(2, tokens_per_frame=16, num_frames=2, mask_ratio=0.75, seed=3, step=4, rank=1)
+    assert torch.equal(b.visible_idx, ref.visible_idx) and not torch.equal(a.visible_idx, b.visible_idx)
