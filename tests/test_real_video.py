@@ -313,7 +313,7 @@ def test_trains_a_few_steps_on_a_list_of_real_videos(footage, tmp_path, decoder)
     steps = [record for record in records if "loss" in record]
     assert [record["step"] for record in steps] == [1, 2, 3]
     for record in steps:
-        for key in ("loss", "loss_spatial", "loss_motion", "grad_norm"):
+        for key in ("loss", "loss_pixel", "loss_track_motion", "grad_norm"):
             assert math.isfinite(record[key]) and record[key] > 0, (key, record)
         assert record["skipped_videos"] == 0 and record["skip_events"] == 0, record
     assert len(summary.losses) == 3 and all(math.isfinite(loss) for loss in summary.losses)
