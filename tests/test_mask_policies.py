@@ -181,3 +181,23 @@ def test_rekeying_a_copied_generator_leaves_the_original_alone():
     a, b = base(4, 2, torch.device("cpu")), other(4, 2, torch.device("cpu"))
     ref = kernels.tube_mask(2, tokens_per_frame=16, num_frames=2, mask_ratio=0.75, seed=3, step=4, rank=1)
     assert torch.equal(b.visible_idx, ref.visible_idx) and not torch.equal(a.visible_idx, b.visible_idx)
+
+
+@pytest.mark.parametrize("policy", ["adamae", "tats_ref"])
+def test_a_learned_policy_trains_under_torchrun_on_two_cpu_ranks(synthetic, tmp_path, policy):
+    """The trainer's DDP step with a learned policy (its own gradient averaging beside DDP's) ends cleanly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    extra = {"optim.max_steps": 2, "run_name": f"ddp-{policy}", "target.track_motion": False, "mask.type": policy}
+    if policy == "tats_ref":
+        extra.update({"mask.options.epochs": 1, "mask.options.num_heads": 3})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trackmae_stream.train",
+                           *tiny(synthetic, tmp_path, **extra)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "runs" / f"ddp-{policy}" / "checkpoints" / "checkpoint-00000002.pt")
+    assert state["mask_policy"]["name"] == policy and len(state["rng"]["per_rank"]) == 2
