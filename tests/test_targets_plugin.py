@@ -95,7 +95,9 @@ def test_no_former_target_names_outside_the_target_modules():
     """The names "spatial" and "motion" (as target keys) live only in the target modules and the former-layout
     aliases (config.py, model/adapters.py); "motion" stays the motion-aware mask policy's name and a picture label."""
     allowed = {"targets", "methods", "kernels"}
-    pattern = re.compile(r"""["'](spatial|motion)["']|\.(spatial|motion)_(target|dim|valid)\b|motion_weight\(""")
+    # the names as keys: x["motion"], {"spatial": ...}, ("spatial", ...) tuples of names, .motion_target, ...
+    pattern = re.compile(r"""\[["'](spatial|motion)["']\]|["'](spatial|motion)["']\s*[:,)]"""
+                         r"""|\.(spatial|motion)_(target|dim|valid)\b|motion_weight\(""")
     hits = []
     for path in (ROOT / "trackmae_stream").rglob("*.py"):
         rel = path.relative_to(ROOT / "trackmae_stream")

@@ -10,6 +10,8 @@ it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -128,11 +130,49 @@ class BatchPreparer:
         frames = frames_u8[:, :: self.tubelet].permute(0, 1, 4, 2, 3).float()  # (B, T', 3, H, W) in [0, 255]
         return self.tracker.track_grid(frames, self.grid_size)
 
+    def track_windows(self, batch: dict[str, Any], frames_u8: Tensor, grid: int,
+                      offsets: tuple[int, ...]) -> TrackerOutput:
+        """Per-slot windows (`TargetInputs.track_windows`): for every tubelet t a grid x grid query grid on clip frame
+        t*tubelet + offsets[0], followed through frames t*tubelet + offsets[k] (offsets inside the tubelet) -> tracks
+        (B, T', K, G², 2) and
+        visibility (B, T', K, G²). From the clip's source with tracker.backend=synthetic_gt, else the tracker on
+        those frames (B*T' short clips in one batch)."""
+        b, t, h, w, _ = frames_u8.shape
+        slots = t // self.tubelet
+        if not offsets or any(not 0 <= o < self.tubelet for o in offsets):
+            raise ValueError(f"track_windows: offsets {offsets} must lie inside a tubelet [0, {self.tubelet})")
+        index = torch.arange(slots)[:, None] * self.tubelet + torch.tensor(offsets)[None, :]  # (T', K)
+        source = self.track_source
+        if source is not None and hasattr(source, "_motion"):  # synthetic_gt: exact tracks from the stored motion
+            import numpy as np
+
+            from .tracking import query_grid
+            from .tracking.synthetic_gt import clip_tracks
+
+            sources = np.repeat(np.asarray(batch["source_index"]).reshape(-1), b // len(batch["source_index"]))
+            frame_numbers = np.asarray(batch["frame_indices"])
+            boxes = np.asarray(batch["crop_box"], dtype=np.float64)
+            flipped = np.asarray(batch["flipped"]).astype(bool).reshape(-1)
+            points = query_grid(grid, h, w, self.tracker.grid_rule).double().numpy()
+            tracks = np.empty((b, slots, len(offsets), len(points), 2), dtype=np.float32)
+            visible = np.empty(tracks.shape[:4], dtype=np.float32)
+            for i, s in itertools.product(range(b), range(slots)):
+                tracks[i, s], visible[i, s] = clip_tracks(source._motion(int(sources[i])), points,
+                                                          frame_numbers[i, index[s].numpy()], boxes[i],
+                                                          bool(flipped[i]), h)
+            return TrackerOutput(torch.from_numpy(tracks).to(self.device), torch.from_numpy(visible).to(self.device))
+        clips = frames_u8[:, index.to(frames_u8.device).reshape(-1)].reshape(b * slots, len(offsets), h, w, 3)
+        out = self.tracker.track_grid(clips.permute(0, 1, 4, 2, 3).float(), grid)
+        visibility = None if out.visibility is None else out.visibility.reshape(b, slots, len(offsets), -1)
+        return TrackerOutput(out.tracks.reshape(b, slots, len(offsets), *out.tracks.shape[2:]), visibility)
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], step: int) -> TrainBatch:
         frames = batch["frames"].to(self.device, non_blocking=True)
         b = frames.shape[0]
-        inputs = TargetInputs(frames_u8=frames, track=self.tracker.track_grid if self.tracker is not None else None)
+        inputs = TargetInputs(frames_u8=frames)
+        if self.tracker is not None:
+            inputs.track_windows = functools.partial(self.track_windows, batch, frames)
         if self.needs_tracks:
             tracked = self.track_source(batch, frames) if self.track_source is not None else self.track(frames)
             inputs.tracks, inputs.visibility = tracked.tracks, tracked.visibility
