@@ -444,6 +444,7 @@ class Trainer:
         for micro in range(accum):
             batch = next(batches)
             self.data.skips.update(batch.skipped, batch.source_index)
+            clips = batch.num_clips  # loader clips (a learned policy may train several masked copies of each)
             last = micro == accum - 1
             sync_ctx = self.model.no_sync() if not last and hasattr(self.model, "no_sync") else contextlib.nullcontext()
             with sync_ctx:
@@ -466,7 +467,7 @@ class Trainer:
                                                                           self.step).items()})
             state.add_losses(losses, accum)
             loss_nonfinite |= ~torch.isfinite(losses["loss"].detach())
-            state.timer.clips += batch.num_clips
+            state.timer.clips += clips
             self.batch_in_epoch += 1
             batches.prefetch()  # this micro-batch's kernels are queued: now fetch and launch the next one's prep
         if batch.frames_u8 is not None:  # a pictured step: keep what the picture needs (drawn after the step)

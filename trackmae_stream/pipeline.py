@@ -82,21 +82,34 @@ class TrainBatch:
         return [v for v in self.tensor_items().values() if isinstance(v, Tensor) and v.device.type == "cuda"]
 
     def select(self, mask: kernels.MaskOutput) -> TrainBatch:
-        """A deferred batch at the masks drawn for it: visible patches, target values at the masked tokens."""
+        """A deferred batch at the masks drawn for it: visible patches, target values at the masked tokens. A mask of
+        G·B rows (a policy drawing G masks per clip) selects from each clip's G copies in a row."""
         if not self.deferred:
             raise ValueError("select() is for deferred batches (learned mask policies)")
         m = mask.masked_idx
+        copies, rest = divmod(m.shape[0], self.num_clips)
+        if rest or copies < 1:
+            raise ValueError(f"{m.shape[0]} masks for {self.num_clips} clips: need a multiple")
+        src = self
+        if copies > 1:
+            def repeat(x: Tensor) -> Tensor:
+                return x.repeat_interleave(copies, 0)
+
+            src = TrainBatch(patches=repeat(self.patches), visible_idx=None, masked_idx=None,
+                             targets={k: repeat(v) for k, v in self.targets.items()},
+                             valid={k: repeat(v) for k, v in self.valid.items()}, skipped=self.skipped,
+                             source_index=self.source_index, frames_u8=self.frames_u8)
 
         def at_masked(x: Tensor) -> Tensor:
             if x.dim() == 2:
                 return torch.gather(x, 1, m)
             return torch.gather(x, 1, m.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
-        patches = torch.gather(self.patches, 1, mask.visible_idx.unsqueeze(-1).expand(-1, -1, self.patches.shape[-1]))
+        patches = torch.gather(src.patches, 1, mask.visible_idx.unsqueeze(-1).expand(-1, -1, src.patches.shape[-1]))
         return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=m,
-                          targets={k: at_masked(v) for k, v in self.targets.items()},
-                          valid={k: at_masked(v) for k, v in self.valid.items()}, skipped=self.skipped,
-                          source_index=self.source_index, frames_u8=self.frames_u8)
+                          targets={k: at_masked(v) for k, v in src.targets.items()},
+                          valid={k: at_masked(v) for k, v in src.valid.items()}, skipped=src.skipped,
+                          source_index=src.source_index, frames_u8=src.frames_u8)
 
 
 class BatchPreparer:
