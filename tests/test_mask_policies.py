@@ -84,13 +84,43 @@ def test_deferred_batches_select_like_a_brute_force_gather():
         assert torch.equal(got.valid["x"][i], batch.valid["x"][i, msk])
 
 
-@pytest.mark.parametrize("policy", ["adamae", "tats_ref"])
+def test_several_masks_per_clip_select_each_clips_copies():
+    gen = torch.Generator().manual_seed(6)
+    b, n, v, copies = 2, 11, 4, 3
+    visible = torch.stack([torch.randperm(n, generator=gen)[:v] for _ in range(b * copies)])
+    mask = mask_from_visible(visible, n)
+    batch = TrainBatch(patches=torch.randn(b, n, 5, generator=gen), visible_idx=None, masked_idx=None,
+                       targets={"x": torch.randn(b, n, 2, generator=gen)}, skipped=None, source_index=None)
+    got = batch.select(mask)
+    assert got.num_clips == b * copies
+    for row in range(b * copies):
+        clip = row // copies
+        assert torch.equal(got.patches[row], batch.patches[clip, mask.visible_idx[row]])
+        assert torch.equal(got.targets["x"][row], batch.targets["x"][clip, mask.masked_idx[row]])
+    with pytest.raises(ValueError, match="multiple"):
+        batch.select(mask_from_visible(visible[:5], n))
+    # TATS-ref with group_size 3 draws 3 different masks per clip, in a row
+    cfg = load_config("default", ["target.track_motion=false", "mask.type=tats_ref", "mask.ratio=0.75",
+                                  "mask.options.group_size=3", "mask.options.num_heads=2"]).mask
+    masks = MaskGenerator(cfg, tokens_per_frame=16, num_slots=2, seed=1, rank=0, embed_dim=12)
+    masks.policy.setup(torch.device("cpu"))
+    drawn, _ = masks.policy.sample(MaskInputs(step=0, batch=2, device=torch.device("cpu"),
+                                              tokens=torch.randn(2, 32, 12, generator=gen)))
+    assert drawn.visible_idx.shape == (6, masks.num_visible)
+    assert not torch.equal(drawn.visible_idx[0], drawn.visible_idx[1])
+
+
+@pytest.mark.parametrize("policy", ["adamae", "tats_ref", "tats_ref_groups"])
 def test_learned_policy_resume_is_bit_exact(synthetic, tmp_path, policy):
     """4 steps straight vs 2 + resume + 2 (3 batches per epoch: the resume lands mid-epoch): the same MAE weights,
     MAE optimizer state, sampler weights, sampler optimizer state and losses, bit for bit."""
+    groups = policy == "tats_ref_groups"  # two masks per clip, rewards compared within a clip
+    policy = policy.removesuffix("_groups")
     extra = {"target.track_motion": False, "mask.type": policy, "mask.ratio": 0.75, "optim.max_steps": 4}
     if policy == "tats_ref":
         extra.update({"mask.options.warmup_steps": 1, "mask.options.epochs": 2})
+    if groups:
+        extra.update({"mask.options.group_size": 2})
     straight = train(load_config("default", tiny(synthetic, tmp_path, run_name="straight", **extra)))
     ckpts = straight.run_dir / "checkpoints"
     resumed_dir = straight.run_dir.parent / "resumed"
@@ -168,3 +198,36 @@ def test_learned_policies_stay_identical_across_ranks(tmp_path, policy):
     torch.multiprocessing.spawn(_ranks_worker, args=(port, policy, str(out)), nprocs=2, join=True)
     first, second = torch.load(out)
     assert torch.equal(first, second)
+
+
+def test_rekeying_a_copied_generator_leaves_the_original_alone():
+    """tracker.placement=ranks serves each training rank from a shallow copy of one generator re-keyed by rank."""
+    import copy
+
+    base = MaskGenerator(MaskConfig(type="tube", ratio=0.75), tokens_per_frame=16, num_slots=2, seed=3, rank=0)
+    other = copy.copy(base)
+    other.rank = 1
+    assert base.rank == 0 and other.rank == 1
+    a, b = base(4, 2, torch.device("cpu")), other(4, 2, torch.device("cpu"))
+    ref = kernels.tube_mask(2, tokens_per_frame=16, num_frames=2, mask_ratio=0.75, seed=3, step=4, rank=1)
+    assert torch.equal(b.visible_idx, ref.visible_idx) and not torch.equal(a.visible_idx, b.visible_idx)
+
+
+@pytest.mark.parametrize("policy", ["adamae", "tats_ref"])
+def test_a_learned_policy_trains_under_torchrun_on_two_cpu_ranks(synthetic, tmp_path, policy):
+    """The trainer's DDP step with a learned policy (its own gradient averaging beside DDP's) ends cleanly."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    extra = {"optim.max_steps": 2, "run_name": f"ddp-{policy}", "target.track_motion": False, "mask.type": policy}
+    if policy == "tats_ref":
+        extra.update({"mask.options.epochs": 1, "mask.options.num_heads": 3})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node=2", "-m", "trackmae_stream.train",
+                           *tiny(synthetic, tmp_path, **extra)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "runs" / f"ddp-{policy}" / "checkpoints" / "checkpoint-00000002.pt")
+    assert state["mask_policy"]["name"] == policy and len(state["rng"]["per_rank"]) == 2

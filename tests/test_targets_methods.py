@@ -15,7 +15,7 @@ from trackmae_stream.config import load_config
 from trackmae_stream.engine import compute_losses
 from trackmae_stream.pipeline import TrainBatch
 from trackmae_stream.targets import TargetBuilder, TargetInputs
-from trackmae_stream.tracking import TrackerOutput
+from trackmae_stream.tracking import PointTracker, TrackerOutput
 
 SIZE = ["data.input_size=64", "data.num_frames=16", "mask.type=tube"]
 
@@ -103,17 +103,17 @@ def test_motionmae_ref_targets_and_loss_equal_the_reference_vectors():
     assert float(losses["loss"]) == pytest.approx(float(v["loss"]), rel=1e-4)
 
 
-class PairTracker:
-    """Stands in for the run's tracker: returns scripted per-slot tracks for the (first, second) frame pairs the
-    trajectory target asks for, and records what it was asked."""
+class PairWindows:
+    """Stands in for the preparer's `track_windows`: scripted per-slot tracks (B, T', 2, G², 2) for the windows the
+    trajectory target asks for, and a record of what it asked."""
 
     def __init__(self, tracks: torch.Tensor):
-        self.tracks = tracks  # (B*T', 2, G², 2)
+        self.tracks = tracks
         self.calls = []
 
-    def __call__(self, frames: torch.Tensor, grid: int) -> TrackerOutput:
-        self.calls.append((tuple(frames.shape), grid))
-        return TrackerOutput(self.tracks, torch.ones(self.tracks.shape[:3]))
+    def __call__(self, grid: int, offsets: tuple[int, ...]) -> TrackerOutput:
+        self.calls.append((grid, offsets))
+        return TrackerOutput(self.tracks, torch.ones(self.tracks.shape[:4]))
 
 
 def brute_force_trajectory(tracks: np.ndarray, side: int, slots: int, height: int, width: int, L: int = 4):
@@ -159,13 +159,12 @@ def test_mme_trajectory_from_per_slot_tracks_equals_a_brute_force_loop():
     end[0, [0, 1, 6, 7]] += torch.tensor([-70.0, 0.0])  # token (0, 0) of slot 0 leaves the frame: invalid
     end[3, 7] += torch.tensor([0.0, 90.0])
     tracks = torch.stack([start, end], 1)
-    tracker = PairTracker(tracks)
+    windows = PairWindows(tracks.reshape(2, slots, 2, grid * grid, 2))
     frames = torch.randint(1, 255, (2, 8, size, size, 3), dtype=torch.uint8, generator=gen)
-    inputs = TargetInputs(frames_u8=frames, track=tracker)
+    inputs = TargetInputs(frames_u8=frames, track_windows=windows)
     values, valid = traj.at(inputs, traj.prepare(inputs), all_tokens(2, slots * side * side))
-    assert tracker.calls == [((2 * slots, 2, 3, size, size), grid)]
-    ref, ref_valid = brute_force_trajectory(tracks.reshape(2, slots, 2, grid * grid, 2).numpy(), side, slots, size,
-                                            size)
+    assert windows.calls == [(grid, (0, 1))]  # every tubelet's first frame to its second
+    ref, ref_valid = brute_force_trajectory(windows.tracks.numpy(), side, slots, size, size)
     np.testing.assert_array_equal(valid.numpy(), ref_valid)
     assert not ref_valid.all()
     np.testing.assert_allclose(values.double().numpy(), ref, atol=1e-4, rtol=0)
@@ -174,3 +173,69 @@ def test_mme_trajectory_from_per_slot_tracks_equals_a_brute_force_loop():
     part = traj.loss(pred, values, valid)
     expected = ((pred.double() - values.double()).square().sum(-1) * valid.double()).sum() / valid.numel()
     assert float(part.loss) == pytest.approx(float(expected), rel=1e-6)
+
+
+class RecordingTracker(PointTracker):
+    """A tracker that returns each clip's first frame's grid shifted by the clip's frame means (so the output depends
+    on which frames it got) and records its inputs."""
+
+    name = "recording"
+
+    def __init__(self):
+        super().__init__("patch_centred")
+        self.seen = []
+
+    def forward(self, frames: torch.Tensor, queries: torch.Tensor) -> TrackerOutput:
+        self.seen.append(frames.clone())
+        shift = frames.mean(dim=(2, 3, 4))[..., None, None]  # (n, K, 1, 1)
+        tracks = queries[:, None, :, 1:].expand(-1, frames.shape[1], -1, -1) + shift
+        return TrackerOutput(tracks, torch.ones(tracks.shape[:3]))
+
+
+def test_the_preparer_tracks_per_slot_windows_on_the_right_frames():
+    from trackmae_stream.pipeline import build_batch_preparer
+
+    cfg = load_config("mme", ["data.input_size=48", "data.num_frames=8"])
+    preparer = build_batch_preparer(cfg, torch.device("cpu"))
+    preparer.tracker = RecordingTracker()
+    frames = torch.randint(0, 256, (2, 8, 48, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    out = preparer.track_windows({}, frames, 6, (0, 1))
+    assert out.tracks.shape == (2, 4, 2, 36, 2) and out.visibility.shape == (2, 4, 2, 36)
+    (seen,) = preparer.tracker.seen
+    for b, t, k in itertools.product(range(2), range(4), range(2)):
+        expected = frames[b, 2 * t + k].permute(2, 0, 1).float()
+        assert torch.equal(seen[b * 4 + t, k], expected), (b, t, k)
+        np.testing.assert_allclose(float(out.tracks[b, t, k, 0, 0] - out.tracks[b, 0, 0, 0, 0]),
+                                   float(expected.mean() - frames[b, 0].float().mean()), atol=1e-3)
+
+
+def test_per_slot_windows_from_synthetic_ground_truth(tmp_path):
+    """tracker.backend=synthetic_gt: every window starts on the query grid, and slot 0's window (frames 0 and 1)
+    equals the track source's exact clip tracks of the same grid over a clip whose tubelets start at frames 0, 1."""
+    from test_train import SYN, tiny
+
+    from trackmae_stream.data import ensure_synthetic_dataset
+    from trackmae_stream.data_setup import build_data
+    from trackmae_stream.distributed import DistInfo
+    from trackmae_stream.pipeline import build_batch_preparer
+    from trackmae_stream.tracking import query_grid
+
+    synthetic = ensure_synthetic_dataset(tmp_path / "synthetic", **SYN)
+    cfg = load_config("mme", tiny(synthetic, tmp_path, **{"tracker.backend": "synthetic_gt",
+                                                          "tracker.grid_size": 8}))
+    data = build_data(cfg, DistInfo(0, 1, 0, torch.device("cpu")), torch.device("cpu"))
+    try:
+        preparer = build_batch_preparer(cfg, torch.device("cpu"))
+        batch = next(iter(data.loader))
+        windows = preparer.track_windows(batch, batch["frames"], 8, (0, 1))
+        grid = query_grid(8, 64, 64, preparer.tracker.grid_rule)
+        assert torch.allclose(windows.tracks[:, :, 0], grid.expand_as(windows.tracks[:, :, 0]), atol=1e-4)
+        shifted = dict(batch)  # tubelet k of this clip starts at the original clip's frame k
+        shifted["frame_indices"] = torch.as_tensor(batch["frame_indices"]).repeat_interleave(2, dim=1)[:, :8]
+        clip = preparer.track_source(shifted, batch["frames"])  # (B, T', 64, 2) queried at frame 0
+        torch.testing.assert_close(windows.tracks[:, 0], clip.tracks[:, :2], atol=1e-4, rtol=0)
+        assert not torch.equal(windows.tracks[:, 0, 1], windows.tracks[:, 0, 0])  # the objects moved
+        prepared = preparer(batch, 0)  # the mme_traj target from these windows, end to end
+        assert prepared.targets["mme_traj"].shape[-1] == 32 and prepared.valid["mme_traj"].dtype == torch.bool
+    finally:
+        data.close()

@@ -75,7 +75,9 @@ def test_the_readme_target_trains_beside_the_preset_targets(mean_colour, synthet
     args = tiny(synthetic, tmp_path, **{"optim.max_steps": 2, "log_every": 2, "target.mean_colour.weight": 0.5,
                                         "target.track_motion": False, "mask.type": "tube", "run_name": "plugin"})
     summary = train(load_config("default", args))
-    (logged,) = [r for r in read_log(summary.run_dir) if "loss" in r]
+    records = read_log(summary.run_dir)
+    assert records[0]["targets"] == {"pixel": 1.0, "mean_colour": 0.5} and records[0]["mask_policy"] == "tube"
+    (logged,) = [r for r in records if "loss" in r]
     assert logged["loss"] == pytest.approx(logged["loss_pixel"] + 0.5 * logged["loss_mean_colour"], rel=1e-6)
     assert 0 < logged["rel_mean_colour"] and "loss_track_motion" not in logged
     state = load_checkpoint(summary.last_checkpoint)
@@ -93,7 +95,9 @@ def test_no_former_target_names_outside_the_target_modules():
     """The names "spatial" and "motion" (as target keys) live only in the target modules and the former-layout
     aliases (config.py, model/adapters.py); "motion" stays the motion-aware mask policy's name and a picture label."""
     allowed = {"targets", "methods", "kernels"}
-    pattern = re.compile(r"""["'](spatial|motion)["']|\.(spatial|motion)_(target|dim|valid)\b|motion_weight\(""")
+    # the names as keys: x["motion"], {"spatial": ...}, ("spatial", ...) tuples of names, .motion_target, ...
+    pattern = re.compile(r"""\[["'](spatial|motion)["']\]|["'](spatial|motion)["']\s*[:,)]"""
+                         r"""|\.(spatial|motion)_(target|dim|valid)\b|motion_weight\(""")
     hits = []
     for path in (ROOT / "trackmae_stream").rglob("*.py"):
         rel = path.relative_to(ROOT / "trackmae_stream")

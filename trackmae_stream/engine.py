@@ -267,10 +267,13 @@ class Trainer:
         self.logger.event({"event": "resume", "checkpoint": str(path), "step": self.step, "changes": changes})
 
     def load_state(self, state: dict[str, Any], path: Path) -> None:
-        from .model.adapters import load_model_state
+        from .model.adapters import former_optimizer_state, is_former_layout, load_model_state
 
         load_model_state(self.raw_model, state["model"], source=str(path))
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer_state = state["optimizer"]
+        if is_former_layout(state["model"]):  # a checkpoint from before targets were plug-ins: re-index by name
+            optimizer_state = former_optimizer_state(optimizer_state, state["model"], self.raw_model)
+        self.optimizer.load_state_dict(optimizer_state)
         if "scaler" in state and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         saved_schedule = state.get("scheduler")
@@ -338,6 +341,7 @@ class Trainer:
             "parameters": count_parameters(self.raw_model), "global_batch": self.global_batch,
             "steps_per_epoch": self.steps_per_epoch, "total_steps": self.total_steps, "peak_lr": self.schedule.peak_lr,
             "visible_tokens": self.masks.num_visible, "train_gflop_per_clip": self.flops_per_clip / 1e9,
+            "targets": dict(self.targets.weights), "mask_policy": cfg.mask.type,
             "data": self.data.description, "videos": self.data.num_videos, "identity": identity_hash(self.identity),
         }
         if self.tracker is not None:
@@ -440,6 +444,7 @@ class Trainer:
         for micro in range(accum):
             batch = next(batches)
             self.data.skips.update(batch.skipped, batch.source_index)
+            clips = batch.num_clips  # loader clips (a learned policy may train several masked copies of each)
             last = micro == accum - 1
             sync_ctx = self.model.no_sync() if not last and hasattr(self.model, "no_sync") else contextlib.nullcontext()
             with sync_ctx:
@@ -462,7 +467,7 @@ class Trainer:
                                                                           self.step).items()})
             state.add_losses(losses, accum)
             loss_nonfinite |= ~torch.isfinite(losses["loss"].detach())
-            state.timer.clips += batch.num_clips
+            state.timer.clips += clips
             self.batch_in_epoch += 1
             batches.prefetch()  # this micro-batch's kernels are queued: now fetch and launch the next one's prep
         if batch.frames_u8 is not None:  # a pictured step: keep what the picture needs (drawn after the step)

@@ -15,6 +15,7 @@ embeddings), adds its `mae_loss` term to the MAE loss, and calls `update` after 
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 from collections.abc import Callable
@@ -277,7 +278,18 @@ class MaskGenerator:
         self.tokens_per_frame = tokens_per_frame
         self.num_slots = num_slots
         self.seed = seed
-        self.rank = rank
+
+    @property
+    def rank(self) -> int:
+        """The rank that keys the draws."""
+        return self.policy.rank
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        # a copy of the policy: a shallow copy of this generator (tracker.placement=ranks keys one per training
+        # rank) must not re-key the original's draws
+        self.policy = copy.copy(self.policy)
+        self.policy.rank = value
 
     @property
     def visible_per_frame(self) -> int:

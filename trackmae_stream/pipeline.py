@@ -10,6 +10,8 @@ it.
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -80,21 +82,34 @@ class TrainBatch:
         return [v for v in self.tensor_items().values() if isinstance(v, Tensor) and v.device.type == "cuda"]
 
     def select(self, mask: kernels.MaskOutput) -> TrainBatch:
-        """A deferred batch at the masks drawn for it: visible patches, target values at the masked tokens."""
+        """A deferred batch at the masks drawn for it: visible patches, target values at the masked tokens. A mask of
+        G·B rows (a policy drawing G masks per clip) selects from each clip's G copies in a row."""
         if not self.deferred:
             raise ValueError("select() is for deferred batches (learned mask policies)")
         m = mask.masked_idx
+        copies, rest = divmod(m.shape[0], self.num_clips)
+        if rest or copies < 1:
+            raise ValueError(f"{m.shape[0]} masks for {self.num_clips} clips: need a multiple")
+        src = self
+        if copies > 1:
+            def repeat(x: Tensor) -> Tensor:
+                return x.repeat_interleave(copies, 0)
+
+            src = TrainBatch(patches=repeat(self.patches), visible_idx=None, masked_idx=None,
+                             targets={k: repeat(v) for k, v in self.targets.items()},
+                             valid={k: repeat(v) for k, v in self.valid.items()}, skipped=self.skipped,
+                             source_index=self.source_index, frames_u8=self.frames_u8)
 
         def at_masked(x: Tensor) -> Tensor:
             if x.dim() == 2:
                 return torch.gather(x, 1, m)
             return torch.gather(x, 1, m.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
-        patches = torch.gather(self.patches, 1, mask.visible_idx.unsqueeze(-1).expand(-1, -1, self.patches.shape[-1]))
+        patches = torch.gather(src.patches, 1, mask.visible_idx.unsqueeze(-1).expand(-1, -1, src.patches.shape[-1]))
         return TrainBatch(patches=patches, visible_idx=mask.visible_idx, masked_idx=m,
-                          targets={k: at_masked(v) for k, v in self.targets.items()},
-                          valid={k: at_masked(v) for k, v in self.valid.items()}, skipped=self.skipped,
-                          source_index=self.source_index, frames_u8=self.frames_u8)
+                          targets={k: at_masked(v) for k, v in src.targets.items()},
+                          valid={k: at_masked(v) for k, v in src.valid.items()}, skipped=src.skipped,
+                          source_index=src.source_index, frames_u8=src.frames_u8)
 
 
 class BatchPreparer:
@@ -128,11 +143,49 @@ class BatchPreparer:
         frames = frames_u8[:, :: self.tubelet].permute(0, 1, 4, 2, 3).float()  # (B, T', 3, H, W) in [0, 255]
         return self.tracker.track_grid(frames, self.grid_size)
 
+    def track_windows(self, batch: dict[str, Any], frames_u8: Tensor, grid: int,
+                      offsets: tuple[int, ...]) -> TrackerOutput:
+        """Per-slot windows (`TargetInputs.track_windows`): for every tubelet t a grid x grid query grid on clip frame
+        t*tubelet + offsets[0], followed through frames t*tubelet + offsets[k] (offsets inside the tubelet) -> tracks
+        (B, T', K, G², 2) and
+        visibility (B, T', K, G²). From the clip's source with tracker.backend=synthetic_gt, else the tracker on
+        those frames (B*T' short clips in one batch)."""
+        b, t, h, w, _ = frames_u8.shape
+        slots = t // self.tubelet
+        if not offsets or any(not 0 <= o < self.tubelet for o in offsets):
+            raise ValueError(f"track_windows: offsets {offsets} must lie inside a tubelet [0, {self.tubelet})")
+        index = torch.arange(slots)[:, None] * self.tubelet + torch.tensor(offsets)[None, :]  # (T', K)
+        source = self.track_source
+        if source is not None and hasattr(source, "_motion"):  # synthetic_gt: exact tracks from the stored motion
+            import numpy as np
+
+            from .tracking import query_grid
+            from .tracking.synthetic_gt import clip_tracks
+
+            sources = np.repeat(np.asarray(batch["source_index"]).reshape(-1), b // len(batch["source_index"]))
+            frame_numbers = np.asarray(batch["frame_indices"])
+            boxes = np.asarray(batch["crop_box"], dtype=np.float64)
+            flipped = np.asarray(batch["flipped"]).astype(bool).reshape(-1)
+            points = query_grid(grid, h, w, self.tracker.grid_rule).double().numpy()
+            tracks = np.empty((b, slots, len(offsets), len(points), 2), dtype=np.float32)
+            visible = np.empty(tracks.shape[:4], dtype=np.float32)
+            for i, s in itertools.product(range(b), range(slots)):
+                tracks[i, s], visible[i, s] = clip_tracks(source._motion(int(sources[i])), points,
+                                                          frame_numbers[i, index[s].numpy()], boxes[i],
+                                                          bool(flipped[i]), h)
+            return TrackerOutput(torch.from_numpy(tracks).to(self.device), torch.from_numpy(visible).to(self.device))
+        clips = frames_u8[:, index.to(frames_u8.device).reshape(-1)].reshape(b * slots, len(offsets), h, w, 3)
+        out = self.tracker.track_grid(clips.permute(0, 1, 4, 2, 3).float(), grid)
+        visibility = None if out.visibility is None else out.visibility.reshape(b, slots, len(offsets), -1)
+        return TrackerOutput(out.tracks.reshape(b, slots, len(offsets), *out.tracks.shape[2:]), visibility)
+
     @torch.no_grad()
     def __call__(self, batch: dict[str, Any], step: int) -> TrainBatch:
         frames = batch["frames"].to(self.device, non_blocking=True)
         b = frames.shape[0]
-        inputs = TargetInputs(frames_u8=frames, track=self.tracker.track_grid if self.tracker is not None else None)
+        inputs = TargetInputs(frames_u8=frames)
+        if self.tracker is not None:
+            inputs.track_windows = functools.partial(self.track_windows, batch, frames)
         if self.needs_tracks:
             tracked = self.track_source(batch, frames) if self.track_source is not None else self.track(frames)
             inputs.tracks, inputs.visibility = tracked.tracks, tracked.visibility

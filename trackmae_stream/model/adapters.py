@@ -166,3 +166,60 @@ def load_model_state(model: nn.Module, state: Mapping, *, source: str = "checkpo
         raise StateDictError(f"{source} ({fmt} format) does not fit the model: " + "; ".join(problems))
     model.load_state_dict(sd, strict=not allow_missing_prefixes)
     return fmt
+
+
+_FORMER_PREFIXES = ("decoder.", "encoder_to_decoder.", "motion_decoder.", "motion_encoder_to_decoder.")
+
+
+def is_former_layout(sd: Mapping[str, Tensor]) -> bool:
+    """Whether a native state dict has the former fixed decoders (`decoder.*`, `motion_decoder.*`)."""
+    return any(k.startswith(_FORMER_PREFIXES) for k in sd)
+
+
+def _groups_by_rule(names: list[str], shapes: Mapping[str, tuple[int, ...]], skip: set[str]) -> list[list[str]]:
+    """`optim.parameter_groups`' split of parameter names: [decayed, not decayed], each in parameter order."""
+    decay = [n for n in names if not (len(shapes[n]) <= 1 or n in skip)]
+    no_decay = [n for n in names if len(shapes[n]) <= 1 or n in skip]
+    return [decay, no_decay]
+
+
+def former_optimizer_state(optimizer_state: Mapping, saved_model: Mapping[str, Tensor], model: nn.Module) -> dict:
+    """The AdamW state of a training checkpoint of the former layout, re-indexed for `model`'s parameters.
+
+    torch numbers an optimizer's parameters by position (decayed group first, then the rest, each in
+    `named_parameters` order). The former model registered its decoders in another order, so the saved positions are
+    recovered from the saved state dict (its keys are the former parameters in registration order; no buffer is
+    persistent) and the grouping rule of `optim.parameter_groups`, then mapped by name."""
+    heads = {k.split(".")[1] for k in model.state_dict() if k.startswith("heads.")}
+    renames = _legacy_renames(spatial_name_of(heads), MOTION_NAME)
+
+    def native(key: str) -> str:
+        for old, new in renames:
+            if key.startswith(old):
+                return new + key[len(old):]
+        return key
+
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    old_names = [native(k) for k in saved_model]
+    old_shapes = {native(k): tuple(v.shape) for k, v in saved_model.items()}
+    old_groups = _groups_by_rule(old_names, old_shapes, skip)
+    params = dict(model.named_parameters())
+    new_groups = _groups_by_rule(list(params), {n: tuple(p.shape) for n, p in params.items()}, skip)
+    saved_groups = optimizer_state["param_groups"]
+    if len(saved_groups) != 2 or [len(g["params"]) for g in saved_groups] != [len(g) for g in old_groups]:
+        raise StateDictError("the checkpoint's optimizer groups do not match the former layout's parameters")
+    old_index = {name: saved_id for names, group in zip(old_groups, saved_groups)
+                 for name, saved_id in zip(names, group["params"])}
+    state, groups, position = {}, [], 0
+    for saved_group, names in zip(saved_groups, new_groups):
+        indices = []
+        for name in names:
+            if name not in old_index:
+                raise StateDictError(f"the former checkpoint has no optimizer state for {name}")
+            source = old_index[name]
+            if source in optimizer_state["state"]:
+                state[position] = optimizer_state["state"][source]
+            indices.append(position)
+            position += 1
+        groups.append({**saved_group, "params": indices})
+    return {"state": state, "param_groups": groups}

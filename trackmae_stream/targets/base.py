@@ -96,9 +96,11 @@ class TargetInputs:
     frames_u8: Tensor  # (B, T, H, W, 3) uint8 on the device
     tracks: Tensor | None = None  # (B, T', G², 2) clip pixels, tracked from the first frame of every tubelet
     visibility: Tensor | None = None  # (B, T', G²) in [0, 1]
-    # the run's tracker: track(frames (n, K, 3, H, W) float in [0, 255], grid side) -> TrackerOutput (tracks
-    # (n, K, G², 2), visibility (n, K, G²)) of a G x G query grid on the first frame (targets with `needs_tracker`)
-    track: Callable[[Tensor, int], Any] | None = None
+    # per-slot windows (targets with `needs_tracker`): track_windows(grid side G, offsets (o_0, ..., o_K-1)) ->
+    # TrackerOutput with tracks (B, T', K, G², 2) and visibility (B, T', K, G²): for every tubelet t, a G x G query
+    # grid on clip frame t*tubelet + o_0 followed through frames t*tubelet + o_k, in clip pixels. The preparer
+    # answers it with the run's tracker on those frames, or from the clip's source (tracker.backend=synthetic_gt).
+    track_windows: Callable[[int, tuple[int, ...]], Any] | None = None
     cache: dict[str, Any] = field(default_factory=dict)  # shared between targets of one batch (e.g. a [0,1] video)
 
 

@@ -7,11 +7,12 @@ is MME's L = (ℓ_traj + ℓ_hog) / 2 with both terms sums over channels divided
 - `mme_traj` (8L = 32 values per token): the trajectory target from the project's point trackers (SPEC §2.6's
   substitute, "MME-track"): per slot, a grid of 2x2 points per token queried on the tubelet's first frame and tracked
   to its second (`window: slot`, the default: MME's interval, re-queried every slot), or the pipeline's one grid
-  queried at frame 0 (`window: clip`); cut into L equal steps, PatchStd over the 4 points per coordinate and step,
-  MME's validity rule; invalid tokens stay out of the loss (a (B, M) token validity). Official MME tracks dense
-  Farneback flow over raw-rate frames with integer steps: `methods.mme` has that path (offline, per video) and
-  bench/results/mme_trajectories.json measures how far tracker targets land from it (|Δz| ≈ 0.45 for per-slot
-  sampled frames with an ideal tracker, 0.94 = chance for the single-query clip layout).
+  queried at frame 0 (`window: clip`); the windows come from the run's tracker, or exactly from the synthetic set's
+  stored motion with tracker.backend=synthetic_gt (`BatchPreparer.track_windows`); cut into L equal steps, PatchStd
+  over the 4 points per coordinate and step, MME's validity rule; invalid tokens stay out of the loss (a (B, M) token
+  validity). Official MME tracks dense Farneback flow over raw-rate frames with integer steps: `methods.mme` has that
+  path (offline, per video) and bench/results/mme_trajectories.json measures how far tracker targets land from it
+  (|Δz| ≈ 0.45 for per-slot sampled frames with an ideal tracker, 0.94 = chance for the single-query clip layout).
 """
 from __future__ import annotations
 
@@ -100,15 +101,11 @@ class MMETrajTarget(Target):
     def prepare(self, inputs: TargetInputs) -> Prepared:
         o, c = self.options, self.ctx
         frame_size = tuple(inputs.frames_u8.shape[2:4])
-        if o.window == "slot":
-            if inputs.track is None:
+        if o.window == "slot":  # every tubelet: its first frame -> its second (MME's interval)
+            if inputs.track_windows is None:
                 raise ValueError("target mme_traj (window=slot) needs a tracker")
-            b = inputs.frames_u8.shape[0]
-            pairs = inputs.frames_u8.reshape(b, c.num_slots, c.tubelet, *inputs.frames_u8.shape[2:])[:, :, :2]
-            pairs = pairs.flatten(0, 1).permute(0, 1, 4, 2, 3).float()  # (B*T', 2, 3, H, W) in [0, 255]
-            out = inputs.track(pairs, 2 * c.tokens_side)
-            tracks = out.tracks.reshape(b, c.num_slots, 2, *out.tracks.shape[2:])
-            visibility = None if out.visibility is None else out.visibility.reshape(b, c.num_slots, 2, -1)
+            out = inputs.track_windows(2 * c.tokens_side, (0, 1))
+            tracks, visibility = out.tracks, out.visibility
             upsample = 1
         else:
             tracks, visibility = inputs.tracks, inputs.visibility
