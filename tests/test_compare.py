@@ -70,7 +70,7 @@ def test_ci_comparison_end_to_end_and_resume(tmp_path, capsys):
     # different seeds give different random-init encoders
     assert len({r["linear"] for r in results["runs"] if r["arm"] == "random_init"} |
                {r["knn"] for r in results["runs"] if r["arm"] == "random_init"}) >= 2
-    assert "rel_spatial" in arms["videomae"]["final"] and "rel_motion" in arms["trackmae[synthetic_gt]"]["final"]
+    assert "rel_pixel" in arms["videomae"]["final"] and "rel_track_motion" in arms["trackmae[synthetic_gt]"]["final"]
     table = (out / "table.md").read_text()
     assert "trackmae[synthetic_gt]" in table and "chance 12.5%" in table
     assert (out / "chart.png").stat().st_size > 1000

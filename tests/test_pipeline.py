@@ -9,7 +9,8 @@ from trackmae_stream.config import load_config
 from trackmae_stream.metrics import IntervalTimer
 from trackmae_stream.pipeline import BatchPreparer, StreamingPrefetcher, build_batch_preparer
 
-OVERRIDES = ["data.num_frames=8", "data.input_size=64", "batch_size=3", "tracker.backend=lucas-kanade"]
+OVERRIDES = ["data.num_frames=8", "data.input_size=64", "batch_size=3", "tracker.backend=lucas-kanade",
+             "target.motion_norm=patch"]
 
 
 def make_preparer(device: torch.device, extra: list[str] | None = None) -> BatchPreparer:

@@ -69,22 +69,22 @@ def test_fresh_start_never_takes_over_another_runs_folder(synthetic, tmp_path, c
 
 def test_resume_auto_takes_only_a_run_with_the_same_identity(synthetic, tmp_path, caplog):
     common = {"optim.max_steps": 2, "ckpt_every": 100}
-    first = main(tiny(synthetic, tmp_path, **common))  # ratio 0.9 (default preset, timestamped folder)
+    first = main(tiny(synthetic, tmp_path, **common))  # ratio 0.75 (default preset, timestamped folder)
     time.sleep(1.1)  # the other run is newer (and gets its own timestamp)
-    second = main(tiny(synthetic, tmp_path, **common, **{"mask.ratio": 0.75}))
+    second = main(tiny(synthetic, tmp_path, **common, **{"mask.ratio": 0.6}))
     assert first == second == 0
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2
-    ratio_09, ratio_075 = runs
+    ratio_075, ratio_06 = runs
 
     caplog.set_level("INFO")
     code = main(tiny(synthetic, tmp_path, **{"optim.max_steps": 3, "ckpt_every": 100, "resume": "auto",
                                              "optim.lr": 2e-3}))
     assert code == 0
     assert sorted((tmp_path / "runs").iterdir()) == runs  # no new folder: it continued the matching run
-    assert ckpt_names(ratio_09)[-1] == "checkpoint-00000003.pt" and ckpt_names(ratio_075) == ["checkpoint-00000002.pt"]
-    assert f"skipped {ratio_075}: other settings (mask.ratio: 0.75 -> 0.9)" in caplog.text
-    resume = [r for r in read_log(ratio_09) if r.get("event") == "resume"][-1]
+    assert ckpt_names(ratio_075)[-1] == "checkpoint-00000003.pt" and ckpt_names(ratio_06) == ["checkpoint-00000002.pt"]
+    assert f"skipped {ratio_06}: other settings (mask.ratio: 0.6 -> 0.75)" in caplog.text
+    resume = [r for r in read_log(ratio_075) if r.get("event") == "resume"][-1]
     # explicit overrides of keys that do not change what the weights mean are allowed, and logged
     assert "optim.lr: 0.003 -> 0.002" in resume["changes"] and "optim.max_steps: 2 -> 3" in resume["changes"]
 
@@ -97,10 +97,10 @@ def test_resume_auto_takes_only_a_run_with_the_same_identity(synthetic, tmp_path
     assert "other settings (data.list_file: None ->" in caplog.text
 
     # with run_name, a mismatch is refused naming the keys, and the run's config.yaml is left alone
-    before = (ratio_09 / "config.yaml").read_text()
-    assert main(tiny(synthetic, tmp_path, **{"run_name": ratio_09.name, "resume": "auto", "data.input_size": 32,
+    before = (ratio_075 / "config.yaml").read_text()
+    assert main(tiny(synthetic, tmp_path, **{"run_name": ratio_075.name, "resume": "auto", "data.input_size": 32,
                                              "optim.max_steps": 4})) == 1
-    assert (ratio_09 / "config.yaml").read_text() == before
+    assert (ratio_075 / "config.yaml").read_text() == before
 
 
 def test_identity_ignores_speed_and_schedule_keys(synthetic, tmp_path):

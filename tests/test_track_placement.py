@@ -89,6 +89,10 @@ def test_store_tracks_are_the_remap_of_whole_frame_tracking(synthetic, tmp_path)
     batch = next(iter(data.loader))
     assert bool(batch["stored_hit"].all())
     again = preparer.track_source(batch, batch["frames"])
+    # the store keeps normalised positions within a frame of the frame ([-1, 2], tracks/store.py) and clamps the
+    # rest: Lucas-Kanade sends a few points on the fast synthetic objects many frames away; compare with those clamped
+    want, _ = remap_to_clip(tracks.clamp(-1.0, 2.0), vis, cfg.tracker.store_grid, queries, batch["crop_box"],
+                            batch["flipped"], batch["source_size"], side)
     assert (again.tracks - want).abs().max() < 0.05  # clip pixels; the store's fixed point step is far finer
     data.close()
 

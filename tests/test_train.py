@@ -40,6 +40,7 @@ def tiny(synthetic, tmp_path, **extra) -> list[str]:
         "model.num_heads": 3, "model.depth": 2, "model.decoder_dim": 32, "model.decoder_heads": 2,
         "model.decoder_depth": 1, "batch_size": 4, "log_every": 2, "ckpt_every": 2, "keep_checkpoints": 10,
         "progress": False, "output_dir": str(tmp_path / "runs"), "optim.lr": 3e-3, "optim.warmup_steps": 1,
+        "probe_at_end": False,  # on for the default; test_cli_ends_with_the_probe_against_random_init checks it
     }
     overrides.update(extra)
     return [f"{k}={v}" for k, v in overrides.items()]
@@ -219,6 +220,24 @@ def test_trains_with_cotracker3_checkpoint_and_clip_target(synthetic, tmp_path):
     (logged,) = [r for r in records if "loss" in r]
     assert logged["loss"] == pytest.approx(logged["loss_clip"] + 0.25 * logged["loss_track_motion"], rel=1e-6)
     assert load_checkpoint(summary.last_checkpoint)["model"]["heads.clip.weight"].shape[0] == 192
+
+
+def test_cli_ends_with_the_probe_against_random_init(synthetic, tmp_path, capsys):
+    from trackmae_stream.probe import run_probe
+    from trackmae_stream.train import main
+
+    args = tiny(synthetic, tmp_path, **{"optim.max_steps": 2, "run_name": "probed", "probe_at_end": True, "seed": 3})
+    assert main(args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("done: step 2")  # still the last line
+    report = lines[lines.index(next(line for line in lines if line.startswith("probe ("))):-1]
+    checkpoint = tmp_path / "runs" / "probed" / "checkpoints" / "checkpoint-00000002.pt"
+    trained, baseline = run_probe(checkpoint), run_probe(checkpoint, random_init=True, seed=3)
+    assert report[1].strip().startswith("trained") and report[2].strip().startswith("random init")
+    assert f"({trained.val_correct}/{trained.num_val})" in report[1]
+    assert f"({baseline.val_correct}/{baseline.num_val})" in report[2]
+    assert f"({baseline.knn_correct}/{baseline.num_val})" in report[2]
+    assert f"linear {100 * (trained.top1 - baseline.top1):+.1f} points" in report[3]
 
 
 def test_linear_probe_of_a_trained_checkpoint(tmp_path, capsys):

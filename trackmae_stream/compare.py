@@ -60,9 +60,7 @@ METHODS: dict[str, Method] = {
                                                      "code), motion-aware masking"),
     "trackmae_raw_motion": Method("trackmae", tracks=True, overrides=("target.track_motion.norm=none",),
                                   note="trackmae with the motion target in pixels (no per-token normalisation)"),
-    "mme": Method("mme", tracks=True, note="MME: trajectory + HOG targets",
-                  unsupported_trackers=(("synthetic_gt", "mme_traj re-tracks each tubelet's frame pair through the "
-                                                         "tracker's pixel interface, which synthetic_gt lacks"),)),
+    "mme": Method("mme", tracks=True, note="MME: trajectory + HOG targets"),
     "motionmae_ref": Method("motionmae_ref", tracks=False, note="MotionMAE reference design: frame differences"),
     "adamae": Method("adamae", tracks=False, note="AdaMAE learned sampler"),
     "tats_ref": Method("tats_ref", tracks=False, note="TATS-style PPO sampler (reference design)"),

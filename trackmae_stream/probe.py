@@ -203,19 +203,17 @@ def build_encoder(cfg: TrainConfig, seed: int | None = None) -> VideoEncoder:
     """The encoder of the model the trainer builds for `cfg` (`engine.build_model`, so the trainer's
     initialisation), drawn from `seed` when given (without touching the global RNG), else from the global RNG.
 
-    A CLIP spatial target is built as the pixel target instead: loading the teacher is not needed for the encoder,
-    and the initialisation distribution does not depend on the decoders (only which numbers are drawn does).
+    The targets are built for their shapes only (`load=False`): a CLIP teacher's weights are not needed for the
+    encoder, and the encoder is initialised before the decoders and heads.
     """
     from .engine import build_model  # the trainer's module: imported on use, so the probe's import stays light
     from .targets import TargetBuilder
 
-    if cfg.target.spatial == "clip":
-        cfg = replace(cfg, target=replace(cfg.target, spatial="pixel"))
     if seed is None:
-        return build_model(cfg, TargetBuilder(cfg)).encoder
+        return build_model(cfg, TargetBuilder(cfg, load=False)).encoder
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return build_model(cfg, TargetBuilder(cfg)).encoder
+        return build_model(cfg, TargetBuilder(cfg, load=False)).encoder
 
 
 def load_encoder_state(encoder: VideoEncoder, weights, source: str) -> None:

@@ -66,12 +66,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped: {summary.stopped_by} at step {summary.step}, run folder {summary.run_dir}, checkpoint "
                   f"{summary.last_checkpoint}; continue with --resume auto", file=sys.stderr)
         return 128 + signal.Signals[summary.stopped_by].value  # the shell's code for "ended by this signal"
-    if summary.is_main:  # one line per job, not per rank
-        print(f"done: step {summary.step}, run folder {summary.run_dir}, checkpoint {summary.last_checkpoint}")
+    if summary.is_main:  # one line per job, not per rank, and the last one
         if cfg.probe_at_end and cfg.data.source == "synthetic" and summary.last_checkpoint is not None:
             from .probe import against_random_init
 
             print(against_random_init(summary.last_checkpoint, cfg.seed), flush=True)
+        print(f"done: step {summary.step}, run folder {summary.run_dir}, checkpoint {summary.last_checkpoint}")
     return 0
 
 
