@@ -167,7 +167,8 @@ class Comparison:
     def collect(self) -> list[dict]:
         """Every finished run of this budget in the folder, baselines first, then in METHODS order."""
         found = [json.loads(p.read_text()) for p in sorted((self.out / "runs").glob("*/seed*.json"))]
-        found = [r for r in found if r.get("budget") == self.budget and r.get("shared") == self.shared]
+        found = [r for r in found if r.get("budget") == self.budget and _effective(r.get("shared", [])) ==
+                 _effective(self.shared)]
         order = ["random_init", "supervised", *METHODS]
         return sorted(found, key=lambda r: (order.index(r["arm"].split("[")[0]) if r["arm"].split("[")[0] in order
                                             else len(order), r["arm"], r["seed"]))
@@ -176,7 +177,7 @@ class Comparison:
         path = self.out / "runs" / arm / f"seed{seed}.json"
         if path.exists():
             data = json.loads(path.read_text())
-            if data.get("budget") == self.budget and data.get("shared") == self.shared:
+            if data.get("budget") == self.budget and _effective(data.get("shared", [])) == _effective(self.shared):
                 return data
         return None
 
@@ -246,6 +247,11 @@ class Comparison:
         return results
 
 
+def _effective(overrides: list[str]) -> dict[str, str]:
+    """key -> value of a list of key=value overrides, the last one winning (as the config loader applies them)."""
+    return dict(item.split("=", 1) for item in overrides)
+
+
 def _last_record(run_dir: Path) -> dict:
     records = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
     with_loss = [r for r in records if "loss" in r]
@@ -309,12 +315,12 @@ def bar_chart(table: dict, chance: float, path: Path) -> None:
     from .visuals import write_png
 
     arms = list(table)
-    width, height, left, bottom, top = 140 + 110 * len(arms), 420, 60, 110, 30
+    width, height, left, bottom, top = 140 + 110 * len(arms), 440, 60, 110, 45
     img = np.full((height, width, 3), 255, np.uint8)
     plot_h = height - bottom - top
 
-    def y_of(v: float) -> int:
-        return int(round(top + plot_h * (1 - v)))
+    def y_of(v: float) -> int:  # intervals of few seeds can pass 0 or 1: drawn clipped to the axis
+        return int(round(top + plot_h * (1 - min(max(v, 0.0), 1.0))))
 
     for tick in np.linspace(0, 1, 6):
         y = y_of(tick)
