@@ -67,7 +67,8 @@ def to_former_layout(state: dict) -> dict:
 
 def test_a_former_layout_training_checkpoint_resumes_bit_exact(tmp_path):
     synthetic = ensure_synthetic_dataset(tmp_path / "synthetic", **SYN)
-    extra = {"optim.max_steps": 4, "ckpt_every": 2}
+    # the former flat target keys describe the public code's targets (normalised pixels and motion)
+    extra = {"optim.max_steps": 4, "ckpt_every": 2, "target.pixel.normalize": True, "target.track_motion.norm": "patch"}
     straight = train(load_config("default", tiny(synthetic, tmp_path, run_name="straight", **extra)))
     former_dir = straight.run_dir.parent / "former"
     shutil.copytree(straight.run_dir, former_dir)

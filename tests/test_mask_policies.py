@@ -56,7 +56,7 @@ def test_a_registered_policy_is_one_class():
 
     register_mask_policy(EveryOther)
     try:
-        cfg = load_config("default", ["mask.type=every_other_test", "target.track_motion=false",
+        cfg = load_config("default", ["mask.type=every_other_test", "target.track_motion=false", "mask.ratio=0.9",
                                       "data.num_frames=4", "data.input_size=64"])
         masks = MaskGenerator(cfg.mask, tokens_per_frame=16, num_slots=2, seed=0, rank=0)
         out = masks(0, 2, torch.device("cpu"))

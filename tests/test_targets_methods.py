@@ -195,7 +195,7 @@ class RecordingTracker(PointTracker):
 def test_the_preparer_tracks_per_slot_windows_on_the_right_frames():
     from trackmae_stream.pipeline import build_batch_preparer
 
-    cfg = load_config("mme", ["data.input_size=48", "data.num_frames=8"])
+    cfg = load_config("mme", ["data.input_size=48", "data.num_frames=8", "tracker.backend=lucas-kanade"])
     preparer = build_batch_preparer(cfg, torch.device("cpu"))
     preparer.tracker = RecordingTracker()
     frames = torch.randint(0, 256, (2, 8, 48, 48, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))

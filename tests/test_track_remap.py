@@ -340,8 +340,10 @@ def synthetic_remaps(tmp_path_factory):
     rate 2, 112 px clips (the embedded default), the default 7 x 7 `cotracker` clip grid, stored every 2nd frame.
     (a) ground truth of the clip: clip query -> clip_to_source -> exact tracks -> source_to_clip, visible when the
     ground truth is and inside the clip; (c) remap_to_clip of a store filled with exact tracks of the G x G grid."""
+    # the legacy task: 2-3 objects (the bounds below were measured there; the motion task's 4-6 tiling objects put
+    # more stencils across two surfaces)
     dataset = ensure_synthetic_dataset(tmp_path_factory.mktemp("remap") / "set", num_videos=4, size=128,
-                                       num_frames=40, seed=0)
+                                       num_frames=40, seed=0, task="legacy")
     side = dataset.size
     size_t = torch.tensor([[side, side]])
     clip_queries = query_grid(CLIP_GRID, INPUT_SIZE, INPUT_SIZE, "cotracker").double()
