@@ -240,6 +240,17 @@ def test_cli_ends_with_the_probe_against_random_init(synthetic, tmp_path, capsys
     assert f"linear {100 * (trained.top1 - baseline.top1):+.1f} points" in report[3]
 
 
+def test_the_progress_bar_starts_no_monitor_thread(synthetic, tmp_path):
+    """Decoder workers fork from the training process each epoch; a lingering tqdm monitor thread is one more thread
+    whose locks a fork can catch (worker start-up hangs were seen in a forked worker)."""
+    from tqdm import tqdm
+
+    before = tqdm.monitor
+    train(load_config("default", tiny(synthetic, tmp_path, **{"optim.max_steps": 2, "progress": True,
+                                                               "data.num_workers": 1, "run_name": "bar"})))
+    assert tqdm.monitor is before and tqdm.monitor_interval == 0
+
+
 def test_linear_probe_of_a_trained_checkpoint(tmp_path, capsys):
     from trackmae_stream.probe import main as probe_main
     from trackmae_stream.probe import run_probe

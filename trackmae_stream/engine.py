@@ -374,6 +374,9 @@ class Trainer:
         if cfg.progress and self.dist.is_main:
             from tqdm import tqdm
 
+            # no monitor thread: DataLoader workers fork from this process every epoch, and forking a process whose
+            # other threads may hold locks is how worker start-up hangs
+            tqdm.monitor_interval = 0
             progress = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr, mininterval=1.0)
         try:

@@ -49,6 +49,7 @@ def precompute(cfg: TrainConfig, dist: DistInfo, *, progress: bool = True) -> Pr
     if progress and dist.is_main:
         from tqdm import tqdm
 
+        tqdm.monitor_interval = 0  # no monitor thread in a process that forks decoder workers (engine.py)
         bar = tqdm(total=len(work), desc="tracks", unit="window", file=sys.stderr, dynamic_ncols=True)
     tracked = present = 0
     failures: list[str] = []
