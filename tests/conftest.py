@@ -10,6 +10,14 @@ from pathlib import Path
 
 import pytest
 
+try:  # no tqdm monitor thread in the test process: DataLoader workers fork from it, and forks taken while it lived
+    # hung a worker at start-up (py-spy: stuck in torch.manual_seed -> torch.xpu._lazy_call -> traceback.format_stack)
+    import tqdm
+
+    tqdm.tqdm.monitor_interval = 0
+except ImportError:  # pragma: no cover - tqdm comes with the test extras
+    pass
+
 # Triton reads TRITON_INTERPRET when a @triton.jit function is decorated, i.e. at import of the kernel modules, so
 # it must be set before any test module imports them. Without a GPU, the Triton kernels run in the interpreter.
 try:
