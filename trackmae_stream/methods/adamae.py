@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from ..kernels.masking import MaskOutput
 from ..kernels.rng import counter_uniform_torch, rng_key
+from ..model.vit import init_weights
 
 #: Counter-RNG stream of AdaMAE's Gumbel noise ("ADME"); distinct from the tube-masking streams 0-2 in kernels/rng.py.
 STREAM_ADAMAE = 0x41444D45
@@ -139,16 +140,6 @@ class SamplerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-def _adamae_init(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
 class AdaMAESample(NamedTuple):
     """One AdaMAE sampling step.
 
@@ -181,7 +172,7 @@ class AdaMAESampler(nn.Module):
         self.pos_embed_probs = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
         self.block = SamplerBlock(embed_dim, num_heads, mlp_ratio, dropout)
         self.head = nn.Linear(embed_dim, 1)
-        self.apply(_adamae_init)
+        self.apply(init_weights)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens (B, N, D) patch embeddings (no positional embedding; AdaMAE does not detach them) -> logits (B, N)

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels.masking import MaskOutput
+from ..model.vit import init_weights
 from .adamae import mask_output_from_visible, sample_without_replacement
 from .ppo import PPOConfig, action_log_prob, advantage, normalise_reward, ppo_losses
 
@@ -184,7 +185,7 @@ class TATSSampler(nn.Module):
                                    nn.Linear(head_hidden, 1))
         self.critic = nn.Sequential(nn.LayerNorm(width, eps=1e-6), nn.Linear(width, head_hidden), nn.GELU(),
                                     nn.Linear(head_hidden, 1))
-        self.apply(_init)
+        self.apply(init_weights)
         nn.init.trunc_normal_(self.cls_token, std=0.02, a=-0.02, b=0.02)
         for last in (self.actor[-1], self.critic[-1]):  # uniform π and V = 0 at the start
             nn.init.zeros_(last.weight)
@@ -219,16 +220,6 @@ class TATSSampler(nn.Module):
         order = sample_without_replacement(logits, num_visible, seed=seed, step=step, rank=rank, stream=STREAM_TATS)
         return TATSRollout(mask_output_from_visible(order, self.num_tokens), order, state,
                            action_log_prob(log_probs, order, cfg), out.value)
-
-
-def _init(module: nn.Module) -> None:
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
 
 
 def tats_reward(masked_errors: Tensor) -> Tensor:

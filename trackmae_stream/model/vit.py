@@ -216,7 +216,7 @@ class TrackMAE(nn.Module):
         self.heads = nn.ModuleDict({
             h.name: (nn.Linear(s.decoder_dim, h.dim) if h.head == "linear" else MLPHead(s.decoder_dim, h.hidden, h.dim))
             for h in s.heads})
-        self.apply(_init_weights)
+        self.apply(init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
 
     # -- configuration ---------------------------------------------------------------------------------------------
@@ -253,7 +253,8 @@ class TrackMAE(nn.Module):
         return out
 
 
-def _init_weights(module: nn.Module) -> None:
+def init_weights(module: nn.Module) -> None:
+    """VideoMAE's (and AdaMAE's, TATS-ref's) initialisation, for `module.apply`."""
     # VideoMAE's initialisation: xavier-uniform linears with zero bias, unit LayerNorms; the Conv3d keeps torch's.
     if isinstance(module, nn.Linear):
         nn.init.xavier_uniform_(module.weight)
